@@ -1,0 +1,5 @@
+import sys
+
+from residtap.cli import main
+
+sys.exit(main())
