@@ -1,0 +1,302 @@
+"""The tap engine: one handler per site, shared by every reader and writer registered there.
+
+    with residtap.engine.tap(model, {"layers.3": my_tap}):
+        model(**batch)
+
+A tap is any callable `tap(hidden, step) -> Tensor | None`. `hidden` is the site's tensor
+(B, T, ...); returning a tensor replaces it for the taps after it and for the model (a writer);
+returning None leaves it as it is (a reader). `step` is the `Step` describing this forward.
+
+Design rules:
+- Per model there is at most one `Engine`, and per site at most one installed handler, however
+  many taps or nested `tap(...)` blocks use it. Taps at a site run in registration order.
+- Every hook the engine installs is kept as a handle and removed when the last tap using it
+  leaves, in `finally`: after a normal exit, after an exception, and with nested blocks. The
+  model itself is never changed.
+- Module outputs that may be a tensor, a tuple or a ModelOutput are normalised in one helper
+  (`hidden_of` / `with_hidden`).
+- Early stop: a block opened with `stop_early=True` raises StopForward as soon as every site of
+  every open block has fired, and the block swallows it; reading layer 2 of 32 costs 3 layers.
+  It stops only when every open block asked for it.
+- Nothing here synchronises with the device: positions come from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from residtap.sites import Arch, Site, resolve_site
+
+log = logging.getLogger(__name__)
+
+Tap = Callable[[Tensor, "Step"], "Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised inside the forward to stop it early; the `tap` block that asked for it swallows it."""
+
+
+@dataclass
+class Step:
+    """What the engine knows about the forward in progress.
+
+    run:   counts forwards that start a sequence (no cached tokens); the decode steps of one
+           `generate` call share the run of its prefill.
+    index: 0 for the first forward of a run, then 1, 2, ... for each decode step.
+    past:  tokens already in the KV cache before this forward (0 for a fresh forward).
+    batch: rows in this forward (B of its input).
+    length: tokens this forward processes (T of its input).
+    attention_mask: (B, past + length) mask the model was given, or None.
+    """
+
+    run: int = -1
+    index: int = 0
+    past: int = 0
+    batch: int = 0
+    length: int = 0
+    attention_mask: Tensor | None = None
+
+
+def hidden_of(output: Any, field: str | None = None) -> Any:
+    """The tensor a module's output stands for: the output itself, a tuple/list's first element,
+    or a ModelOutput's `field` (or first entry). The one place that knows these shapes."""
+    if field is not None:
+        return getattr(output, field, None)
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return output
+
+
+def with_hidden(output: Any, field: str | None, hidden: Tensor) -> Any:
+    """`output` with the tensor `hidden_of` found replaced by `hidden`."""
+    if field is not None:
+        output[field] = hidden  # ModelOutput supports item assignment and keeps attrs in sync
+        return output
+    if isinstance(output, Tensor):
+        return hidden
+    if isinstance(output, (tuple, list)):
+        return type(output)([hidden, *output[1:]])
+    raise TypeError(f"cannot replace the hidden state in a {type(output).__name__}")
+
+
+class Engine:
+    """All taps on one model. Created and dropped by `tap(...)`; users rarely touch it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.step = Step()
+        self._handlers: dict[Site, _SiteHandler] = {}
+        self._sessions: list[TapBlock] = []
+        self._fired: set[Site] = set()
+        self._wanted: set[Site] = set()  # sites of every open block
+        self._stop = False
+        self._signature = inspect.signature(model.forward)
+        self._root_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+    # -- step bookkeeping ------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:  # rare: HF callers pass keywords; bind positionals to their names
+            kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        batch, length = tuple(ids.shape[:2]) if ids is not None and ids.dim() > 1 else (0, 0)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            past = mask.shape[1] - length
+        else:
+            mask = None
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        step = self.step
+        if past == 0:
+            self.step = Step(step.run + 1, 0, 0, batch, length, mask)
+        else:
+            self.step = Step(step.run, step.index + 1, past, batch, length, mask)
+        self._fired = set()
+
+    def _site_done(self, site: Site) -> None:
+        self._fired.add(site)
+        if self._stop and self._wanted <= self._fired:
+            raise StopForward
+
+    # -- registration ----------------------------------------------------------------------
+    def add(self, block: TapBlock, site: Site, tap_fn: Tap) -> None:
+        handler = self._handlers.get(site)
+        if handler is None:
+            handler = _SiteHandler(self, site)
+            self._handlers[site] = handler
+        handler.taps.append((block, tap_fn))
+
+    def open(self, block: TapBlock) -> None:
+        self._sessions.append(block)
+        self._recompute()
+
+    def close(self, block: TapBlock) -> None:
+        """Remove every tap of `block`, and each handler no tap uses any more."""
+        try:
+            for site in list(self._handlers):
+                handler = self._handlers[site]
+                handler.taps = [(b, t) for b, t in handler.taps if b is not block]
+                if not handler.taps:
+                    del self._handlers[site]
+                    handler.remove()
+        finally:
+            if block in self._sessions:
+                self._sessions.remove(block)
+            self._recompute()
+            if not self._sessions:
+                self._root_handle.remove()
+                _ENGINES.pop(self.model, None)
+
+    def _recompute(self) -> None:
+        self._wanted = {s for b in self._sessions for s in b.sites}
+        self._stop = bool(self._sessions) and all(b.stop_early for b in self._sessions)
+
+
+class _SiteHandler:
+    """The one hook installed at a site; runs the site's taps in order."""
+
+    def __init__(self, engine: Engine, site: Site) -> None:
+        self.engine = engine
+        self.site = site
+        self.taps: list[tuple[TapBlock, Tap]] = []
+        module = engine.model.get_submodule(site.path)
+        if site.hook == "input":
+            self.handle = module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        else:
+            self.handle = module.register_forward_hook(self._on_output)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _run_taps(self, hidden: Any) -> tuple[Tensor, bool]:
+        if not isinstance(hidden, Tensor):
+            raise TypeError(
+                f"site {self.site.name!r} (module {self.site.path!r}) produced "
+                f"{type(hidden).__name__}, not a tensor; choose a module whose output is a "
+                "tensor or a tuple starting with one"
+            )
+        changed = False
+        step = self.engine.step
+        flat_shape = hidden.shape if self.site.flat else None
+        if flat_shape is not None:  # (B*T, d) -> (B, T, d)
+            hidden = hidden.view(step.batch, step.length, *flat_shape[1:])
+        for _, tap_fn in self.taps:
+            new = tap_fn(hidden, step)
+            if new is not None:
+                hidden, changed = new, True
+        if flat_shape is not None:
+            hidden = hidden.reshape(flat_shape)
+        return hidden, changed
+
+    def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden, changed = self._run_taps(hidden_of(output, self.site.field))
+        result = with_hidden(output, self.site.field, hidden) if changed else None
+        self.engine._site_done(self.site)
+        return result
+
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        in_args = bool(args)
+        hidden, changed = self._run_taps(args[0] if in_args else kwargs.get("hidden_states"))
+        self.engine._site_done(self.site)
+        if not changed:
+            return None
+        if in_args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
+
+
+def engine_of(model: nn.Module) -> Engine | None:
+    """The model's active engine, or None when no tap block is open on it."""
+    return _ENGINES.get(model)
+
+
+class TapBlock:
+    """A context manager that adds taps to a model's engine and removes them on exit.
+    Made by `tap(...)`; capture, probe banks, lenses and steering are built on it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: Mapping[str | Site, Tap | Iterable[Tap]],
+        *,
+        stop_early: bool = False,
+        arch: Arch | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"expected a torch nn.Module (a Hugging Face model), got {type(model).__name__}"
+            )
+        if not isinstance(taps, Mapping):
+            raise TypeError(
+                f"taps must be a mapping of site name -> tap callable, got {type(taps).__name__}"
+            )
+        self.model = model
+        self.stop_early = stop_early
+        self._taps: list[tuple[Site, Tap]] = []
+        for name, fns in taps.items():
+            site = name if isinstance(name, Site) else resolve_site(model, name, arch)
+            for fn in [fns] if callable(fns) else list(fns):
+                if not callable(fn):
+                    raise TypeError(f"tap for site {site.name!r} must be callable, got {fn!r}")
+                self._taps.append((site, fn))
+        self.sites = {site for site, _ in self._taps}
+        self._engine: Engine | None = None
+
+    def __enter__(self) -> TapBlock:
+        if self._engine is not None:
+            raise RuntimeError("this tap block is already open; make a new one to nest")
+        engine = _ENGINES.get(self.model)
+        if engine is None:
+            engine = _ENGINES[self.model] = Engine(self.model)
+        self._engine = engine
+        try:
+            for site, fn in self._taps:
+                engine.add(self, site, fn)
+            engine.open(self)
+        except BaseException:
+            engine.close(self)
+            self._engine = None
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close(self)
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+    @property
+    def step(self) -> Step:
+        return self._engine.step if self._engine is not None else Step()
+
+
+def tap(
+    model: nn.Module,
+    taps: Mapping[str | Site, Tap | Iterable[Tap]],
+    *,
+    stop_early: bool = False,
+    arch: Arch | None = None,
+) -> TapBlock:
+    """Open a block of taps on `model`: `with tap(model, {"layers.3": fn}): model(**batch)`."""
+    return TapBlock(model, taps, stop_early=stop_early, arch=arch)
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks on all of `model`'s modules (used by leak tests)."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+    )
