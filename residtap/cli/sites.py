@@ -1,0 +1,50 @@
+"""`residtap sites MODEL`: a model's canonical sites, their modules and shapes."""
+
+from __future__ import annotations
+
+import torch
+
+from residtap.capture import capture
+from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
+from residtap.sites import resolve_site, site_names
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sites", help="list a model's sites with their shapes")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own code to run (off by default)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def describe_sites(model, tokenizer=None) -> list[dict]:
+    """One row per canonical site: name, module path, hook kind, shape and dtype for a
+    (1, 4)-token input."""
+    names = site_names(model)
+    ids = torch.tensor([[1, 2, 3, 4]]) % model.config.vocab_size
+    with torch.no_grad(), capture(model, names) as acts:
+        model(input_ids=ids.to(model.device))
+    rows = []
+    for name in names:
+        site = resolve_site(model, name)
+        t = acts[name]
+        rows.append({
+            "site": name,
+            "module": site.path or "(model output)",
+            "reads": f"{site.field}" if site.field else f"module {site.hook}",
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+        })
+    return rows
+
+
+def run(args) -> int:
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    rows = describe_sites(model, tokenizer)
+    if args.json:
+        emit_json({"model": args.model, "class": type(model).__name__, "sites": rows})
+        return 0
+    print(f"{type(model).__name__}: {len(rows)} sites (shapes for a 1 x 4-token input)")
+    print(format_table(rows, ["site", "module", "reads", "shape", "dtype"]))
+    return 0
