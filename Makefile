@@ -4,7 +4,7 @@ PY ?= python3
 .PHONY: install demo test lint bench
 
 install:
-	@bash scripts/install.sh
+	@PYTHON=$(PY) bash scripts/install.sh
 
 demo: install
 	$(PY) -m residtap demo
