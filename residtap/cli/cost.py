@@ -1,0 +1,176 @@
+"""`residtap cost`: predict what a probe bank costs at inference, from the model's config.
+
+    residtap cost Llama-3.1-8B --probes 1000 --sites all --positions generated
+    residtap cost path/to/model --probes 8 --sites one --positions last --batch 32 --json
+    residtap cost --list-presets
+
+Prints the arithmetic, bytes and serving-latency overhead of the probes against the forward
+pass they ride on, for a naive readout (a hook and a host sync per probe) and a packed one (one
+matmul per site, scores kept on the device), and a verdict. Predictions, not measurements; the
+model behind them is in residtap/cost.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from residtap.cli.common import add_json_flag, emit_json, format_table
+from residtap.cost import (
+    HARDWARE,
+    POSITIONS,
+    CostReport,
+    Hardware,
+    estimate_cost,
+    model_shape,
+    percent,
+)
+from residtap.presets import PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "cost", help="predict what probes cost at inference (arithmetic, bytes, latency)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", nargs="?",
+                   help="a preset (see --list-presets), a config.json, a local model folder, "
+                        "or 'organism'")  # fmt: skip
+    p.add_argument("--list-presets", action="store_true", help="list the shipped model configs")
+    p.add_argument("--probes", type=int, default=1, help="probes at each site (default 1)")
+    p.add_argument("--sites", default="one",
+                   help="'one', 'all' (every decoder layer) or a number of sites (default one)")
+    p.add_argument("--positions", choices=POSITIONS, default="generated",
+                   help="tokens read: every generated token, the prompt's last, or all prompt "
+                        "tokens (default generated)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--dtype-bytes", type=float, default=2,
+                   help="bytes per weight and score: 2 for bf16/fp16, 4 for fp32 (default 2)")
+    p.add_argument("--hardware", choices=list(HARDWARE), default="h100",
+                   help="latency assumptions to use (default h100)")
+    p.add_argument("--assume", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one hardware assumption, e.g. sync_s=3e-5 (repeatable)")
+    p.add_argument("--no-attention-flops", action="store_true",
+                   help="leave the attention-score FLOPs (QK^T, AV) out of the model's FLOPs")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        return _list_presets(args.json)
+    if args.model is None:
+        raise ValueError(
+            "expected a model: a preset name, a config.json, a model folder or 'organism'; "
+            "see `residtap cost --list-presets`"
+        )
+    sites: str | int = int(args.sites) if args.sites.strip().isdigit() else args.sites
+    dtype_bytes = float(args.dtype_bytes)
+    dtype_bytes = int(dtype_bytes) if dtype_bytes.is_integer() else dtype_bytes
+    report = estimate_cost(
+        args.model, n_probes=args.probes, sites=sites, positions=args.positions,
+        batch_size=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        dtype_bytes=dtype_bytes, attention_flops=not args.no_attention_flops,
+        hardware=_hardware(args.hardware, args.assume),
+    )  # fmt: skip
+    if args.json:
+        emit_json(report.to_dict())
+    else:
+        print(render(report))
+    return 0
+
+
+def render(r: CostReport) -> str:
+    """The report as a readable text block: header, table of overheads, breakdown, verdict."""
+    tied = "tied" if r.tied_embeddings else "untied"
+    context = f"context {r.prompt_len} + {r.new_tokens}" if r.phase == "decode step" else (
+        f"{r.prompt_len}-token prompt")  # fmt: skip
+    rows = [
+        _row("arithmetic", _si(r.model_flops, "FLOP"), _si(r.probe_flops, "FLOP"),
+             percent(r.arithmetic_overhead)),
+        _row("bytes moved", _si(r.weight_bytes + r.kv_cache_bytes, "B"),
+             _si(r.probe_weight_bytes + r.probe_output_bytes, "B"), percent(r.bytes_overhead)),
+        _row("latency, packed", _seconds(r.baseline_s), "+" + _seconds(r.packed_s - r.baseline_s),
+             "+" + percent(r.packed_overhead)),
+        _row("latency, naive", _seconds(r.baseline_s), "+" + _seconds(r.naive_s - r.baseline_s),
+             "+" + percent(r.naive_overhead)),
+    ]  # fmt: skip
+    causes = sorted(r.naive_breakdown_s.items(), key=lambda kv: -kv[1])
+    return "\n".join([
+        f"{r.model} ({r.model_type}): {r.n_params / 1e9:.3g} B parameters, d_model {r.d_model}, "
+        f"{r.n_layers} layers, {tied} embeddings",
+        f"scope: {_count(r.n_probes, 'probe')} at each of {_count(r.n_sites, 'site')} = "
+        f"{_count(r.n_readouts, 'dot product')} per token read; positions={r.positions}",
+        f"per {r.phase}: batch {r.batch_size}, {_count(r.reads_per_forward, 'token')} read, "
+        f"{context}; {r.dtype_bytes}-byte weights; hardware {r.hardware}",
+        "",
+        format_table(rows, ["quantity", "model", "probes", "overhead"]),
+        "",
+        "naive adds: " + ", ".join(f"{k} {_seconds(v)}" for k, v in causes),
+        "verdict: " + r.verdict,
+        "(predicted from a roofline and host-cost assumptions; see --json 'assumptions')",
+    ])  # fmt: skip
+
+
+def _list_presets(as_json: bool) -> int:
+    rows = []
+    for name, preset in PRESETS.items():
+        shape = model_shape(name)
+        rows.append({"name": name, "hub_id": preset.hub_id, "model_type": shape.model_type,
+                     "params": shape.n_params, "d_model": shape.d_model,
+                     "layers": shape.n_layers})  # fmt: skip
+    if as_json:
+        emit_json(rows)
+    else:
+        shown = [r | {"params": f"{r['params'] / 1e9:.3g} B"} for r in rows]
+        print(format_table(shown, ["name", "hub_id", "model_type", "params", "d_model", "layers"]))
+    return 0
+
+
+def _hardware(name: str, assume: list[str]) -> Hardware:
+    hw = HARDWARE[name]
+    fields = {f.name: f.type for f in dataclasses.fields(hw) if f.name != "name"}
+    changes: dict[str, Any] = {}
+    for item in assume:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(
+                f"expected --assume FIELD=VALUE with FIELD one of {', '.join(fields)}, "
+                f"got {item!r}"
+            )
+        if fields[key] == "bool":
+            changes[key] = value.strip().lower() in ("1", "true", "yes")
+        else:
+            try:
+                changes[key] = float(value)
+            except ValueError:
+                msg = f"expected a number for --assume {key}=..., got {value!r}"
+                raise ValueError(msg) from None
+    return dataclasses.replace(hw, **changes) if changes else hw
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _row(quantity: str, model: str, probes: str, overhead: str) -> dict[str, str]:
+    return {"quantity": quantity, "model": model, "probes": probes, "overhead": overhead}
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.4g} {prefix}{unit}"
+    return f"{value:.4g} {unit}"
+
+
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.3g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} us"
