@@ -1,0 +1,265 @@
+"""Probe files: one safetensors file per probe, tensors plus JSON-encoded string metadata.
+
+    from residtap.probes import save_probe, load_probe
+    save_probe(probe, "layer12_sentiment.safetensors", model=model)  # records the model
+    probe = load_probe("layer12_sentiment.safetensors", model=model)  # checks it is that model
+
+Layout (format "residtap.probe", format_version 1):
+    tensors   linear kinds: weight (C, d), bias (C,)
+              attention:    query (H, d), position_weight (H,), value (H, C, d), bias (C,)
+    metadata  every value is a JSON document: format, format_version, kind, site, d_model,
+              n_outputs, classes, label_column, threshold, metrics, model (identity or null),
+              metadata (training details), residtap_version, and for attention probes position.
+
+Loading never unpickles anything, checks every tensor against the metadata, and raises
+ValueError naming what is wrong for a file that is not a probe, is damaged or was edited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .. import __version__
+from ..identity import check_same_model, model_identity
+from .attention import AttentionProbe
+from .linear import Probe
+
+log = logging.getLogger(__name__)
+
+FORMAT = "residtap.probe"
+FORMAT_VERSION = 1
+LINEAR_KINDS = ("logistic", "multinomial", "ridge", "diff_means")
+TENSORS = {
+    **{kind: ("weight", "bias") for kind in LINEAR_KINDS},
+    "attention": ("query", "position_weight", "value", "bias"),
+}
+AnyProbe = Probe | AttentionProbe
+
+
+def save_probe(
+    probe: AnyProbe, path: str | os.PathLike[str], *, model: nn.Module | None = None
+) -> Path:
+    """Write `probe` to `path` (a .safetensors file). With `model`, record that model's identity
+    (checked against the probe's d_model). Returns the path."""
+    if not isinstance(probe, (Probe, AttentionProbe)):
+        raise TypeError(f"expected a Probe or AttentionProbe, got {type(probe).__name__}")
+    identity = probe.model
+    if model is not None:
+        _check_d_model(probe, model)
+        identity = model_identity(model)
+    if probe.kind == "attention":
+        tensors = {
+            "query": probe.query,
+            "position_weight": probe.position_weight,
+            "value": probe.value,
+            "bias": probe.bias,
+        }
+    else:
+        tensors = {"weight": probe.weight, "bias": probe.bias}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": probe.kind,
+        "site": probe.site,
+        "d_model": probe.d_model,
+        "n_outputs": probe.n_outputs,
+        "classes": probe.classes,
+        "label_column": probe.label_column,
+        "threshold": probe.threshold,
+        "metrics": probe.metrics,
+        "model": identity,
+        "metadata": probe.metadata,
+        "residtap_version": __version__,
+    }
+    if isinstance(probe, AttentionProbe):
+        meta["position"] = probe.position
+    path = Path(path)
+    save_file(
+        {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+        str(path),
+        metadata={key: json.dumps(_plain(value), default=str) for key, value in meta.items()},
+    )
+    return path
+
+
+def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None) -> AnyProbe:
+    """Read a probe file. With `model`, raise ValueError unless the probe was made for it
+    (same config hash and d_model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no probe file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); was it truncated?"
+        ) from err
+    meta = _decode(raw_meta, path)
+    kind = meta["kind"]
+    expected = TENSORS[kind]
+    missing = [name for name in expected if name not in tensors]
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: a {kind!r} probe file holds tensors {list(expected)}, but this one has "
+            f"{sorted(tensors)} (missing {missing}, unexpected {extra}); the file was damaged "
+            "or edited, re-save the probe"
+        )
+    common = {
+        "site": meta["site"],
+        "threshold": float(meta["threshold"]),
+        "label_column": meta["label_column"],
+        "model": meta["model"],
+        "metrics": meta["metrics"],
+        "metadata": meta["metadata"],
+    }
+    _check_shapes(path, kind, tensors, meta)
+    probe: AnyProbe
+    if kind == "attention":
+        if meta.get("position") not in ("from_start", "from_end"):
+            raise ValueError(f"{path}: unknown attention position {meta.get('position')!r}")
+        probe = AttentionProbe(
+            query=tensors["query"],
+            position_weight=tensors["position_weight"],
+            value=tensors["value"],
+            bias=tensors["bias"],
+            classes=meta["classes"],
+            position=meta["position"],
+            **common,
+        )
+    else:
+        probe = Probe(
+            kind=kind,
+            weight=tensors["weight"],
+            bias=tensors["bias"],
+            classes=meta["classes"],
+            **common,
+        )
+    if model is not None:
+        _check_d_model(probe, model)
+        if probe.model is None:
+            log.warning("%s records no model identity; only d_model was checked", path)
+        else:
+            check_same_model(probe.model, model, "probe")
+    return probe
+
+
+def _decode(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """JSON-decode and validate the metadata that every probe file carries."""
+    if "format" not in raw:
+        raise ValueError(
+            f"{path} is a safetensors file but not a residtap probe (no 'format' metadata); "
+            "probe files are written by residtap.probes.save_probe"
+        )
+    meta: dict[str, Any] = {}
+    for key, text in raw.items():
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: metadata {key!r} is not valid JSON ({err}): {text[:80]!r}"
+            ) from err
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{path}: format is {meta['format']!r}, expected {FORMAT!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has probe format_version {version}, this residtap reads up to "
+            f"{FORMAT_VERSION}; upgrade residtap"
+        )
+    required = {
+        "kind": str,
+        "d_model": int,
+        "n_outputs": int,
+        "classes": list,
+        "threshold": (int, float),
+        "metrics": dict,
+        "metadata": dict,
+    }
+    for key, types in required.items():
+        if not isinstance(meta.get(key), types) or isinstance(meta.get(key), bool):
+            raise ValueError(
+                f"{path}: metadata {key!r} is {meta.get(key)!r}, of the wrong type or missing"
+            )
+    for key in ("site", "label_column"):
+        if not isinstance(meta.setdefault(key, None), (str, type(None))):
+            raise ValueError(
+                f"{path}: metadata {key!r} must be a string or null, got {meta[key]!r}"
+            )
+    if not isinstance(meta.setdefault("model", None), (dict, type(None))):
+        raise ValueError(f"{path}: metadata 'model' must be an identity object or null")
+    if meta["kind"] not in TENSORS:
+        raise ValueError(
+            f"{path}: unknown probe kind {meta['kind']!r}; this residtap knows {list(TENSORS)}"
+        )
+    return meta
+
+
+def _check_shapes(path: Path, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    d, c, classes = meta["d_model"], meta["n_outputs"], meta["classes"]
+    if kind == "attention":
+        h = tensors["query"].shape[0] if tensors["query"].ndim == 2 else -1
+        expected = {"query": (h, d), "position_weight": (h,), "value": (h, c, d), "bias": (c,)}
+    else:
+        expected = {"weight": (c, d), "bias": (c,)}
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise ValueError(
+                f"{path}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, but the metadata "
+                f"(d_model={d}, n_outputs={c}) requires a float tensor of shape {shape}; "
+                "the file was damaged or edited"
+            )
+    binary_outputs = kind in ("logistic", "diff_means") or (kind == "attention" and c == 1)
+    if kind == "ridge":
+        consistent = classes == []
+    elif binary_outputs:
+        consistent = c == 1 and len(classes) == 2
+    else:
+        consistent = c == len(classes) and c > 2 - (kind == "multinomial")
+    if not consistent:
+        raise ValueError(
+            f"{path}: a {kind!r} probe with n_outputs={c} cannot have classes {classes[:10]}; "
+            "the file was damaged or edited"
+        )
+
+
+def _check_d_model(probe: AnyProbe, model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if hidden is not None and int(hidden) != probe.d_model:
+        raise ValueError(
+            f"probe has d_model={probe.d_model} but the model's hidden_size is {hidden}; "
+            "this probe was trained on a different model's activations"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: tensors and numpy scalars to Python, NaN/inf to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        return _plain(value.tolist())
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
