@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 from residtap.capture import Activations, capture
 from residtap.engine import Step, StopForward, tap
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
+from residtap.store import Store, extract
 
 __all__ = [
     "ARCHITECTURES", "Activations", "Arch", "Step", "StopForward", "capture", "layer_sites",
     "resolve_site", "site_names", "tap",
 ]
+__all__ += ["Store", "extract"]

@@ -1,0 +1,414 @@
+"""Run a data set through a model and write the activations at some sites to an on-disk store.
+
+    store = residtap.extract(model, tokenizer, "mood.jsonl", ["layers.4", "layers.8"], "acts/")
+    store["layers.4"]            # (rows, d_model): every real token of every text
+    store.labels("label")        # one label per row
+
+How it works: samples are tokenized and padded batch by batch, in data-set order (batch i always
+holds samples i*B .. i*B+B-1, so batches are the same on every run). A tap per site, installed
+with the tap engine, picks the rows to keep with `residtap.positions` inside the forward (only
+real tokens, never padding), copies them to the CPU and hands them to a background writer
+thread through a bounded queue (see residtap.store.writer). Each forward stops after the last
+site (`stop_early`). A shard closes after the first batch that brings it to `shard_rows` rows,
+so shard boundaries depend only on the data and the settings.
+
+Resume: the manifest records the settings (hash) and the complete shards. Calling `extract`
+again with the same arguments after an interruption (Ctrl-C, SIGKILL, a full disk) continues
+after the last complete shard and ends with the same store as an uninterrupted run. A store
+made with other settings is never overwritten silently: `overwrite=True` replaces it.
+
+Position ids are passed from the attention mask (as `generate` does), so with left padding a
+sample's activations do not depend on how long its batch neighbours are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import residtap
+from residtap.engine import Step, StopForward, tap
+from residtap.identity import model_identity
+from residtap.positions import check_positions, real_mask, select_positions
+from residtap.sites import Arch, layer_sites, resolve_site
+from residtap.store import manifest as fmt
+from residtap.store.data import Sample, fingerprint, load_samples
+from residtap.store.manifest import MANIFEST, read_manifest, write_manifest
+from residtap.store.reader import Store
+from residtap.store.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 128 * 2**20  # default shard size: rows are chosen to fill about this much
+_OUR_FILES = re.compile(r"^(manifest\.json|shard-\d{5}\.(safetensors|samples\.jsonl))(\.tmp)?$")
+
+
+def extract(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any,
+    sites: Sequence[str] | str,
+    out: str | Path,
+    *,
+    positions: str | Sequence[int] = "all",
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    text_column: str = "text",
+    max_length: int | None = None,
+    shard_rows: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    arch: Arch | None = None,
+) -> Store:
+    """Write the activations of `data` at `sites` to the store folder `out`; return the Store.
+
+    data: a .jsonl/.json/.csv/.txt path, a list of texts, a list of token-id lists, a list of
+        dicts or a datasets.Dataset (see residtap.store.data). tokenizer may be None for ids.
+    sites: site names, or "all-layers" for every `layers.{i}`.
+    positions: "all" (every real token), "last" (each sample's last token) or indices into each
+        sample's real tokens (negative: from the end).
+    dtype: storage dtype (default: the model's). max_length: truncate longer texts.
+    shard_rows: rows per shard (default: about 128 MiB of activations per shard).
+    overwrite: replace a store made with other settings instead of raising.
+    """
+    # Everything is checked before the first file is written.
+    folder = _check_out(out)
+    batch_size = _positive_int(batch_size, "batch_size")
+    storage_dtype = _check_dtype(dtype)
+    policy = _check_policy(positions)
+    resolved = expand_sites(model, sites, arch)
+    samples = load_samples(data, text_column, max_samples)
+    if tokenizer is None and any(s.text is not None for s in samples):
+        raise ValueError("the data holds texts but tokenizer is None; pass the model's tokenizer")
+    if max_length is not None:
+        max_length = _positive_int(max_length, "max_length")
+    if shard_rows is None:
+        shard_rows = _default_shard_rows(model, [s.name for s in resolved], storage_dtype)
+    shard_rows = _positive_int(shard_rows, "shard_rows")
+    identity = model_identity(model)
+    settings = {
+        "model_config_hash": identity["config_hash"], "sites": [s.name for s in resolved],
+        "positions": policy, "data": fingerprint(samples),
+        # dtype=None stores the model's dtype; record which, so that a resume with the model
+        # loaded in another dtype is refused instead of mixing dtypes in one store
+        "dtype": _dtype_name(storage_dtype) or f"model:{_dtype_name(_param_dtype(model))}",
+        "samples": len(samples), "text_column": text_column, "max_length": max_length,
+        "tokenizer": _tokenizer_fingerprint(tokenizer), "batch_size": batch_size,
+        "shard_rows": shard_rows,
+    }
+    manifest = _existing_or_new(folder, settings, identity, tokenizer, overwrite)
+    if manifest.get("complete"):
+        log.info("store %s is already complete (%d rows); nothing to do", folder,
+                 manifest["rows"])
+        return Store.open(folder)
+
+    start = sum(s["samples"] for s in manifest["shards"])
+    if start:
+        log.info("resuming store %s after %d complete shard(s), at sample %d of %d", folder,
+                 len(manifest["shards"]), start, len(samples))
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(folder, len(manifest["shards"]))
+    write_manifest(folder, manifest)
+    _run(model, tokenizer, samples, resolved, folder, manifest, policy=policy,
+         dtype=storage_dtype, batch_size=batch_size, start=start, max_length=max_length,
+         shard_rows=shard_rows, progress=progress, arch=arch)
+    return Store.open(folder)
+
+
+def expand_sites(model: nn.Module, sites: Sequence[str] | str, arch: Arch | None = None) -> list:
+    """Resolved sites, in order, without repeats; 'all-layers' means every `layers.{i}`."""
+    if isinstance(sites, str):
+        sites = [s.strip() for s in sites.split(",") if s.strip()]
+    if not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
+        raise TypeError(f"sites must be a list of site names such as ['layers.3'], got {sites!r}")
+    names: list[str] = []
+    for name in sites:
+        names += layer_sites(model, arch) if name == "all-layers" else [name]
+    if not names:
+        raise ValueError("sites is empty; name at least one site, e.g. ['layers.0'] or "
+                         "'all-layers'")
+    resolved, seen = [], set()
+    for name in names:
+        site = resolve_site(model, name, arch)
+        if site.name not in seen:
+            seen.add(site.name)
+            resolved.append(site)
+    return resolved
+
+
+# -- the forward loop -------------------------------------------------------------------------
+class _StoreTap:
+    """Reader tap: keeps the batch's selected rows of one site, on the CPU, in storage dtype."""
+
+    def __init__(self, site: str, dtype: torch.dtype | None, non_blocking: bool) -> None:
+        self.site, self.dtype, self.non_blocking = site, dtype, non_blocking
+        self.index: Tensor | None = None  # (R,) flat indices into the batch's B*T tokens
+        self.keep_all = False  # the index is arange(B*T): keep the whole batch as it is
+        self.rows: Tensor | None = None
+
+    def __call__(self, hidden: Tensor, step: Step) -> None:
+        B, T = step.batch, step.length
+        if hidden.dim() < 2 or tuple(hidden.shape[:2]) != (B, T):
+            raise ValueError(
+                f"site {self.site!r} produced shape {tuple(hidden.shape)}, which does not start "
+                f"with the batch's (B, T) = ({B}, {T}); only per-token sites can be stored"
+            )
+        flat = hidden.detach().reshape(B * T, *hidden.shape[2:])
+        # Every token kept (no padding, positions "all"): no gather. As in `capture`, keeping a
+        # reference is safe because a module's output is a fresh tensor nobody writes into.
+        rows = flat if self.keep_all else flat.index_select(0, self.index)
+        self.rows = rows.to("cpu", self.dtype, non_blocking=self.non_blocking)  # (R, ...)
+
+
+def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path,
+         manifest: dict, *, policy, dtype, batch_size: int, start: int,
+         max_length: int | None, shard_rows: int, progress: bool, arch: Arch | None) -> None:
+    device = next(model.parameters()).device
+    non_blocking = device.type == "cuda"
+    taps = {s.name: _StoreTap(s.name, dtype, non_blocking) for s in resolved}
+    # stop_early: each forward ends after the last site fires; with 'logits' among the sites
+    # that is the end of the model anyway.
+    accepted = inspect.signature(model.forward).parameters
+    pad_id, side = _padding(tokenizer)
+    writer = ShardWriter(folder, manifest)
+    bar = tqdm(total=len(samples), initial=start, unit="sample", desc="residtap capture",
+               disable=not progress, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    shard_rows_so_far, tokens, t0 = 0, 0, time.perf_counter()
+    writer.start()
+    try:
+        with torch.inference_mode(), tap(model, taps, stop_early=True, arch=arch):
+            for lo in range(start, len(samples), batch_size):
+                batch = samples[lo:lo + batch_size]
+                ids, mask = _encode(batch, tokenizer, pad_id, side, max_length)  # (B, T)
+                index, sample, position = _rows(mask, policy, lo)
+                index = index.to(device)
+                keep_all = policy == "all" and index.shape[0] == mask.numel()
+                for t in taps.values():
+                    t.index, t.keep_all, t.rows = index, keep_all, None
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                if "position_ids" in accepted:
+                    inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
+                if "use_cache" in accepted:
+                    inputs["use_cache"] = False
+                try:
+                    model(**inputs)
+                except StopForward:
+                    pass
+                if non_blocking:
+                    torch.cuda.current_stream(device).synchronize()
+                missing = [name for name, t in taps.items() if t.rows is None]
+                if missing:
+                    raise LookupError(f"site(s) {missing} never fired during the forward; "
+                                      "choose modules the model calls")
+                writer.put_batch({n: t.rows for n, t in taps.items()}, sample, position, batch)
+                shard_rows_so_far += int(sample.shape[0])
+                if shard_rows_so_far >= shard_rows:
+                    writer.end_shard()
+                    shard_rows_so_far = 0
+                tokens += int(mask.sum())
+                bar.update(len(batch))
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s, {writer.bytes_written / 2**20:,.1f} "
+                                    "MiB written", refresh=False)
+        writer.end_shard()
+        writer.close()
+        writer.finish_manifest(complete=True)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+        for t in taps.values():
+            t.index = t.rows = None
+    log.info("store %s complete: %d rows in %d shard(s)", folder, manifest["rows"],
+             len(manifest["shards"]))
+
+
+def _encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: int | None
+            ) -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask (B, T), padded on the tokenizer's side."""
+    seqs: list[list[int] | None] = [s.input_ids for s in batch]
+    todo = [i for i, s in enumerate(batch) if s.text is not None]
+    if todo:
+        enc = tokenizer([batch[i].text for i in todo], add_special_tokens=True,
+                        truncation=max_length is not None, max_length=max_length)["input_ids"]
+        for i, ids in zip(todo, enc, strict=True):
+            seqs[i] = list(ids)
+    if max_length is not None:
+        seqs = [s[:max_length] for s in seqs]
+    for s, ids in zip(batch, seqs, strict=True):
+        if not ids:
+            raise ValueError(f"sample {s.index} (id {s.id!r}) has no tokens after tokenization; "
+                             "remove it from the data set")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, span] = torch.tensor(s, dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
+def _rows(mask: Tensor, policy, first_sample: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For a (B, T) mask: flat token indices to keep (R,), their sample index and position
+    among the sample's real tokens. Uses residtap.positions on an index grid, so the store
+    keeps exactly the positions `capture` would."""
+    B, T = mask.shape
+    grid = torch.arange(B * T).view(B, T)
+    if policy == "all":
+        index = grid[real_mask(grid, mask)]
+    else:
+        index = select_positions(grid, mask, policy).reshape(-1)
+    rank = (mask.cumsum(1) - 1).view(-1)  # position of each token among its row's real tokens
+    return index, index // T + first_sample, rank[index]
+
+
+def _padding(tokenizer) -> tuple[int, str]:
+    if tokenizer is None:
+        return 0, "right"
+    side = getattr(tokenizer, "padding_side", "right")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+        if pad is None:
+            pad = 0
+        log.info("the tokenizer has no pad token; padding with id %d (padded positions are "
+                 "masked out and never stored)", pad)
+    return int(pad), side
+
+
+# -- checks and settings ----------------------------------------------------------------------
+def _check_out(out: str | Path) -> Path:
+    if not isinstance(out, (str, Path)):
+        raise TypeError(f"out must be a folder path, got {type(out).__name__}")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out {str(folder)!r} is an existing file; the store is a folder, so "
+                         "pass a new folder path (or an existing store)")
+    return folder
+
+
+def _existing_or_new(folder: Path, settings: dict, identity: dict, tokenizer, overwrite: bool
+                     ) -> dict[str, Any]:
+    new = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, "residtap_version": residtap.__version__,
+        "model": identity, "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "sites": {name: {"shape": None, "dtype": None} for name in settings["sites"]},
+        "positions": settings["positions"], "settings": settings,
+        "settings_hash": fmt.settings_hash(settings), "samples": settings["samples"],
+        "shards": [], "rows": 0, "complete": False,
+    }
+    if not folder.exists() or not any(folder.iterdir()):
+        return new
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(
+            f"out {str(folder)!r} is a non-empty folder without {MANIFEST}, so it is not a "
+            "residtap store; residtap only deletes its own files, so choose a new or empty folder"
+        )
+    old = read_manifest(folder)
+    if old.get("settings_hash") == new["settings_hash"]:
+        return old
+    if overwrite:
+        log.warning("overwriting the store %s (made with other settings)", folder)
+        for path in folder.iterdir():
+            if _OUR_FILES.match(path.name):
+                path.unlink() if path.is_file() else shutil.rmtree(path)
+        return new
+    if old.get("model", {}).get("config_hash") != identity["config_hash"]:
+        raise ValueError(
+            f"{folder} is a store of another model ({old.get('model', {}).get('name')!r}, "
+            f"config hash {old.get('model', {}).get('config_hash')}); this model has config hash "
+            f"{identity['config_hash']}. Use another out folder, or overwrite=True (--overwrite) "
+            "to replace it"
+        )
+    diff = "; ".join(fmt.settings_differences(old.get("settings", {}), settings))
+    raise ValueError(
+        f"{folder} holds a store made with other settings ({diff}); re-run with the same "
+        "settings to resume it, use another out folder, or overwrite=True (--overwrite) to "
+        "replace it"
+    )
+
+
+def _remove_leftovers(folder: Path, complete: int) -> None:
+    """Delete files of shards the manifest does not list (an interrupted run's)."""
+    for path in folder.iterdir():
+        m = _OUR_FILES.match(path.name)
+        if not m or path.name.startswith(MANIFEST):
+            continue
+        if path.name.endswith(".tmp") or int(path.name[6:11]) >= complete:
+            log.debug("removing leftover %s", path)
+            path.unlink()
+
+
+def _check_policy(positions: Any) -> str | list[int]:
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        raise TypeError("a (B, T) positions mask depends on the batch; for a data set use "
+                        "'all', 'last' or a list of indices")
+    check_positions(positions)
+    if isinstance(positions, str):
+        return positions
+    return [int(i) for i in (positions.tolist() if isinstance(positions, Tensor) else positions)]
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise TypeError(f"dtype must be a torch.dtype or a name such as 'bfloat16', got {dtype!r}")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _default_shard_rows(model: nn.Module, sites: list[str], dtype: torch.dtype | None) -> int:
+    config = getattr(model, "config", None)
+    d = getattr(config, "hidden_size", None) or 1024
+    vocab = getattr(config, "vocab_size", None) or d
+    size = (dtype or _param_dtype(model)).itemsize
+    row_bytes = sum((vocab if s == "logits" else d) * size for s in sites) + 16
+    return max(1, SHARD_BYTES // row_bytes)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of what decides token ids: vocabulary, special-token handling, padding side."""
+    if tokenizer is None:
+        return None
+    import hashlib
+
+    try:
+        vocab = sorted(tokenizer.get_vocab().items())
+        probe = list(tokenizer("residtap fingerprint")["input_ids"])
+    except Exception as err:  # noqa: BLE001 - any tokenizer-like object is allowed
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (get_vocab and __call__); "
+                        f"got {type(tokenizer).__name__}: {err}") from err
+    text = json.dumps([type(tokenizer).__name__, vocab, probe,
+                       getattr(tokenizer, "padding_side", None)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
