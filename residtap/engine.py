@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from residtap.distributed import maybe_gather, output_sharding
 from residtap.sites import Arch, Site, resolve_site
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,9 @@ class _SiteHandler:
             self.handle = module.register_forward_pre_hook(self._on_input, with_kwargs=True)
         else:
             self.handle = module.register_forward_hook(self._on_output)
+        # Under tensor parallelism a column-parallel module's output is a per-rank slice:
+        # taps see it gathered, and a writer's result goes back as this rank's slice.
+        self.sharding = output_sharding(module) if site.hook == "output" else None
 
     def remove(self) -> None:
         self.handle.remove()
@@ -188,6 +192,9 @@ class _SiteHandler:
             )
         changed = False
         step = self.engine.step
+        gathered = False
+        if self.sharding is not None:
+            hidden, gathered = maybe_gather(self.sharding, hidden)
         flat_shape = hidden.shape if self.site.flat else None
         if flat_shape is not None:  # (B*T, d) -> (B, T, d)
             hidden = hidden.view(step.batch, step.length, *flat_shape[1:])
@@ -197,6 +204,8 @@ class _SiteHandler:
                 hidden, changed = new, True
         if flat_shape is not None:
             hidden = hidden.reshape(flat_shape)
+        if changed and gathered:
+            hidden = self.sharding.local_slice(hidden)
         return hidden, changed
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:

@@ -3,14 +3,18 @@
     residtap capture ./my-model --data texts.jsonl --sites all-layers --out acts/ --positions last
 
 Re-running the same command after an interruption resumes after the last complete shard.
+Under torchrun, `torchrun --nproc-per-node N -m residtap capture ...` splits the data set over
+the ranks (data parallel); `--distributed tensor` shards the model instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+import residtap.distributed
 from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
 
 
@@ -38,6 +42,10 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with other settings")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--distributed", choices=["data", "tensor"], default=None,
+                   help="under torchrun: 'data' splits the data set over the ranks (the default "
+                        "when WORLD_SIZE > 1), 'tensor' shards the model (tensor parallel) and "
+                        "rank 0 writes")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -56,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from residtap.store import StoreWriteError, extract
 
     positions = parse_positions(args.positions)
-    model, tokenizer = load_model(args.model, dtype=args.model_dtype)
+    mode = args.distributed
+    if mode is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        mode = "data"
+    rank = 0
+    if mode is not None:
+        rank, _ = residtap.distributed.init()
+    model, tokenizer = load_model(args.model, dtype=args.model_dtype,
+                                  tensor_parallel=mode == "tensor")
     t0 = time.perf_counter()
     try:
         store = extract(
@@ -64,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, batch_size=args.batch_size, max_samples=args.max_samples,
             text_column=args.text_column, max_length=args.max_length,
             shard_rows=args.shard_rows, overwrite=args.overwrite,
-            progress=not args.no_progress and not args.json,
+            progress=not args.no_progress and not args.json and rank == 0,
+            distributed=mode,
         )
     except StoreWriteError as err:
         print(f"residtap capture: error: {err}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - t0
+    if rank != 0:  # rank 0 reports for everyone
+        return 0
     nbytes = sum((store.folder / s["file"]).stat().st_size for s in store.manifest["shards"])
     summary = {
         "out": str(store.folder), "rows": len(store), "samples": store.manifest["samples"],

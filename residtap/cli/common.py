@@ -14,15 +14,20 @@ def add_json_flag(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def load_model(name: str, *, trust_remote_code: bool = False, dtype: str | None = None):
+def load_model(name: str, *, trust_remote_code: bool = False, dtype: str | None = None,
+               tensor_parallel: bool = False):
     """(model, tokenizer) from a local folder, or the bundled organism for 'organism'.
 
     Nothing is fetched from a hub: a name that is not a local folder is an error.
+    tensor_parallel: shard the model over the torch.distributed ranks with Hugging Face's
+    tensor parallelism (`DistributedConfig(tp_plan="auto")`; needs `accelerate`).
     """
     if name == "organism":
         from residtap import organism
 
-        return organism.load()
+        if not tensor_parallel:
+            return organism.load()
+        name = str(organism.MODEL_DIR)
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -37,6 +42,10 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: str | None 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
+    if tensor_parallel:
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     is_decoder = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     loader = AutoModelForCausalLM if is_decoder else AutoModel

@@ -31,13 +31,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import residtap
+from residtap.distributed import barrier, block_of, rank_world
 from residtap.engine import Step, StopForward, tap
 from residtap.identity import model_identity
 from residtap.positions import check_positions, real_mask, select_positions
@@ -51,7 +52,10 @@ from residtap.store.writer import ShardWriter
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 128 * 2**20  # default shard size: rows are chosen to fill about this much
-_OUR_FILES = re.compile(r"^(manifest\.json|shard-\d{5}\.(safetensors|samples\.jsonl))(\.tmp)?$")
+_OUR_FILES = re.compile(
+    r"^(manifest\.json|shard-\d{5}\.(safetensors|samples\.jsonl))(\.tmp)?$|^part-\d{5}-of-\d{5}$"
+)
+_PART = re.compile(r"^part-\d{5}-of-\d{5}$")
 
 
 def extract(
@@ -71,6 +75,7 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     arch: Arch | None = None,
+    distributed: Literal["data", "tensor"] | None = None,
 ) -> Store:
     """Write the activations of `data` at `sites` to the store folder `out`; return the Store.
 
@@ -82,6 +87,11 @@ def extract(
     dtype: storage dtype (default: the model's). max_length: truncate longer texts.
     shard_rows: rows per shard (default: about 128 MiB of activations per shard).
     overwrite: replace a store made with other settings instead of raising.
+    distributed: under torch.distributed (torchrun), "data" splits the samples into one
+        contiguous block per rank, each rank writes a resumable part folder, and rank 0 merges
+        the parts' manifests into one store; "tensor" is for a tensor-parallel model: every
+        rank runs every forward (activations are full on each) and rank 0 alone writes.
+        See residtap.distributed.
     """
     # Everything is checked before the first file is written.
     folder = _check_out(out)
@@ -108,6 +118,18 @@ def extract(
         "tokenizer": _tokenizer_fingerprint(tokenizer), "batch_size": batch_size,
         "shard_rows": shard_rows,
     }
+    rank, world = _check_distributed(distributed, len(samples))
+    if distributed == "data" and world > 1:
+        return _extract_part(model, tokenizer, samples, resolved, folder, settings, identity,
+                             overwrite, rank, world, policy=policy, dtype=storage_dtype,
+                             batch_size=batch_size, max_length=max_length,
+                             shard_rows=shard_rows, progress=progress, arch=arch)
+    if distributed == "tensor" and rank != 0:  # same forwards (collectives match), no files
+        _run(model, tokenizer, samples, resolved, None, {}, policy=policy, dtype=storage_dtype,
+             batch_size=batch_size, start=0, max_length=max_length, shard_rows=shard_rows,
+             progress=False, arch=arch)
+        barrier()
+        return Store.open(folder)
     manifest = _existing_or_new(folder, settings, identity, tokenizer, overwrite)
     if manifest.get("complete"):
         log.info("store %s is already complete (%d rows); nothing to do", folder,
@@ -124,7 +146,65 @@ def extract(
     _run(model, tokenizer, samples, resolved, folder, manifest, policy=policy,
          dtype=storage_dtype, batch_size=batch_size, start=start, max_length=max_length,
          shard_rows=shard_rows, progress=progress, arch=arch)
+    if distributed == "tensor":
+        barrier()
     return Store.open(folder)
+
+
+def _check_distributed(distributed: Any, n_samples: int) -> tuple[int, int]:
+    if distributed not in (None, "data", "tensor"):
+        raise ValueError(f"distributed must be None, 'data' or 'tensor', got {distributed!r}")
+    rank, world = rank_world()
+    if distributed is not None and world == 1:
+        log.warning("distributed=%r but torch.distributed runs a single process (world size 1);"
+                    " extracting in this process", distributed)
+    if distributed == "data" and n_samples < world:
+        raise ValueError(f"data-parallel extraction over {world} ranks needs at least {world} "
+                         f"samples, got {n_samples}; use fewer ranks")
+    return rank, world
+
+
+def _extract_part(model, tokenizer, samples: list[Sample], resolved: list, top: Path,
+                  settings: dict, identity: dict, overwrite: bool, rank: int, world: int,
+                  **run_kwargs) -> Store:
+    """Data parallel: this rank's block into `top/part-RRRRR-of-WWWWW`, then rank 0 merges."""
+    merged_settings = {**settings, "parts": world}
+    if rank == 0:  # refuses (or, with overwrite, clears) a store made with other settings
+        _existing_or_new(top, merged_settings, identity, tokenizer, overwrite)
+    barrier()
+    lo, hi = block_of(len(samples), rank, world)
+    mine = samples[lo:hi]
+    part_settings = {**settings, "data": fingerprint(mine), "samples": len(mine),
+                     "part": [rank, world]}
+    folder = top / f"part-{rank:05d}-of-{world:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _existing_or_new(folder, part_settings, identity, tokenizer, overwrite)
+    if not manifest.get("complete"):
+        start = sum(s["samples"] for s in manifest["shards"])
+        _remove_leftovers(folder, len(manifest["shards"]))
+        write_manifest(folder, manifest)
+        _run(model, tokenizer, mine, resolved, folder, manifest, start=start, **run_kwargs)
+    barrier()
+    if rank == 0:
+        _write_merged(top, world, merged_settings)
+    barrier()
+    return Store.open(top)
+
+
+def _write_merged(top: Path, world: int, settings: dict) -> None:
+    """One manifest over every part's shards (paths relative to `top`)."""
+    names = [f"part-{r:05d}-of-{world:05d}" for r in range(world)]
+    parts = [read_manifest(top / name) for name in names]
+    merged = dict(parts[0])
+    merged["shards"] = [
+        {**shard, "file": f"{name}/{shard['file']}",
+         "samples_file": f"{name}/{shard['samples_file']}"}
+        for name, part in zip(names, parts, strict=True) for shard in part["shards"]
+    ]
+    merged.update(settings=settings, settings_hash=fmt.settings_hash(settings),
+                  samples=sum(p["samples"] for p in parts), rows=sum(p["rows"] for p in parts),
+                  complete=all(p.get("complete") for p in parts), parts=names)
+    write_manifest(top, merged)
 
 
 def expand_sites(model: nn.Module, sites: Sequence[str] | str, arch: Arch | None = None) -> list:
@@ -172,7 +252,7 @@ class _StoreTap:
         self.rows = rows.to("cpu", self.dtype, non_blocking=self.non_blocking)  # (R, ...)
 
 
-def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path,
+def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path | None,
          manifest: dict, *, policy, dtype, batch_size: int, start: int,
          max_length: int | None, shard_rows: int, progress: bool, arch: Arch | None) -> None:
     device = next(model.parameters()).device
@@ -182,7 +262,7 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path,
     # that is the end of the model anyway.
     accepted = inspect.signature(model.forward).parameters
     pad_id, side = _padding(tokenizer)
-    writer = ShardWriter(folder, manifest)
+    writer = ShardWriter(folder, manifest) if folder is not None else _NoWriter()
     bar = tqdm(total=len(samples), initial=start, unit="sample", desc="residtap capture",
                disable=not progress, dynamic_ncols=True)
     was_training = model.training
@@ -194,7 +274,7 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path,
             for lo in range(start, len(samples), batch_size):
                 batch = samples[lo:lo + batch_size]
                 ids, mask = _encode(batch, tokenizer, pad_id, side, max_length)  # (B, T)
-                index, sample, position = _rows(mask, policy, lo)
+                index, sample, position = _rows(mask, policy, batch[0].index)
                 index = index.to(device)
                 keep_all = policy == "all" and index.shape[0] == mask.numel()
                 for t in taps.values():
@@ -235,8 +315,22 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path,
         model.train(was_training)
         for t in taps.values():
             t.index = t.rows = None
-    log.info("store %s complete: %d rows in %d shard(s)", folder, manifest["rows"],
-             len(manifest["shards"]))
+    if folder is not None:
+        log.info("store %s complete: %d rows in %d shard(s)", folder, manifest["rows"],
+                 len(manifest["shards"]))
+
+
+class _NoWriter:
+    """Stands in for ShardWriter on tensor-parallel ranks that run forwards but write nothing."""
+
+    bytes_written = 0
+
+    def start(self) -> None: ...
+    def put_batch(self, *args: Any) -> None: ...
+    def end_shard(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def finish_manifest(self, **updates: Any) -> None: ...
 
 
 def _encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: int | None
@@ -314,7 +408,7 @@ def _existing_or_new(folder: Path, settings: dict, identity: dict, tokenizer, ov
         "settings_hash": fmt.settings_hash(settings), "samples": settings["samples"],
         "shards": [], "rows": 0, "complete": False,
     }
-    if not folder.exists() or not any(folder.iterdir()):
+    if not folder.exists() or not any(not _PART.match(p.name) for p in folder.iterdir()):
         return new
     if not (folder / MANIFEST).is_file():
         raise ValueError(
