@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from residtap.capture import Activations, capture
 from residtap.engine import Step, StopForward, tap
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
+from residtap.steering import SteerabilityResult, SteeringVector, steer, steerability
 from residtap.store import Store, extract
 
 __all__ = [
@@ -18,3 +19,4 @@ __all__ = [
     "resolve_site", "site_names", "tap",
 ]
 __all__ += ["Store", "extract"]
+__all__ += ["SteerabilityResult", "SteeringVector", "steer", "steerability"]

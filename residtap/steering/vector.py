@@ -1,0 +1,350 @@
+"""Steering vectors: a direction in one site's activation space, where it came from, on disk.
+
+    vec = SteeringVector.from_pairs(model, tok, positive, negative, site="layers.3")
+    vec.save("mood.safetensors")
+    vec = SteeringVector.load("mood.safetensors", model=model)   # checks it is the same model
+
+Methods:
+- "mean_diff" (CAA): mean activation of the positive texts minus that of the negative texts, read
+  at one token of each text (the last by default; an int is an index into the text's tokens,
+  BOS included, negative from the end; for A/B data the answer token is the last).
+- "pca" (repeng's "pca_diff"): the first principal component of the paired differences
+  positive_i - negative_i, sign-aligned with the mean difference. The PCA is uncentred (as in
+  steering-vectors' pca aggregator): centring would subtract the shared shift that is the
+  behaviour, leaving only the pair-to-pair noise. Its length is the mean projection of the
+  differences on that direction, so strength 1 moves an activation by the average pair's
+  separation, the same scale as "mean_diff".
+`from_ab` applies CAA's recipe to A/B rows: each side is read at its answer token.
+`normalize=True` makes any vector unit length (strengths are then distances in activation units).
+
+File format (safetensors): one float32 tensor "vector" (d,) and string metadata: format
+"residtap.steering_vector", format_version "1", site, method, position, normalized, norm (the
+vector's L2 norm), model (JSON of residtap.identity.model_identity, or "null") and extra (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from residtap.capture import capture
+from residtap.identity import check_same_model, model_identity
+from residtap.sites import resolve_site
+from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
+
+log = logging.getLogger(__name__)
+
+Method = Literal["mean_diff", "pca"]
+FORMAT = "residtap.steering_vector"
+FORMAT_VERSION = "1"
+TENSOR_KEY = "vector"
+
+
+@dataclass
+class SteeringVector:
+    """A direction to add at `site`: `vector` is float32 (d,) on the CPU.
+
+    method: how it was made ("mean_diff", "pca", "probe", "tensor", "random").
+    model: the identity of the model it was made on (None when unknown, e.g. a raw tensor).
+    """
+
+    vector: Tensor  # (d,)
+    site: str
+    method: str
+    model: dict[str, Any] | None = None
+    position: str | int | None = None
+    normalized: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor):
+            raise TypeError(f"vector must be a torch.Tensor, got {type(self.vector).__name__}")
+        if self.vector.dim() != 1 or self.vector.numel() == 0:
+            raise ValueError(
+                f"a steering vector is 1-D (d,), got shape {tuple(self.vector.shape)}; pass one "
+                "direction, e.g. tensor[0] for the first row of a (1, d) weight"
+            )
+        if not torch.isfinite(self.vector).all():
+            raise ValueError("the steering vector has inf/nan entries; check how it was made")
+        if not isinstance(self.site, str) or not self.site:
+            raise TypeError(f"site must be a site name such as 'layers.3', got {self.site!r}")
+        self.vector = self.vector.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def __repr__(self) -> str:
+        name = (self.model or {}).get("name", "?")
+        return (f"SteeringVector(site={self.site!r}, method={self.method!r}, d={self.d_model}, "
+                f"norm={self.norm:.4g}, model={name!r})")
+
+    # -- making ----------------------------------------------------------------------------
+    @classmethod
+    def from_pairs(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        positive: Sequence[str],
+        negative: Sequence[str],
+        site: str = "layers.3",
+        position: Literal["last"] | int = "last",
+        method: Method = "mean_diff",
+        normalize: bool = False,
+        batch_size: int = 32,
+    ) -> SteeringVector:
+        """The direction from `negative` to `positive` texts (pairs: positive[i] <-> negative[i])
+        at `site`, read at `position` of each text; see the module docstring for `method`."""
+        if method not in ("mean_diff", "pca"):
+            raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
+        is_index = isinstance(position, int) and not isinstance(position, bool)
+        if not (position == "last" or is_index):
+            raise ValueError(
+                f"position must be 'last' or an int token index (negative: from the end), got "
+                f"{position!r}"
+            )
+        pos_ids = encode(tokenizer, positive, "positive")
+        neg_ids = encode(tokenizer, negative, "negative")
+        if len(pos_ids) != len(neg_ids):
+            raise ValueError(
+                f"positive and negative are pairs and must have the same length; got "
+                f"{len(pos_ids)} positive and {len(neg_ids)} negative texts"
+            )
+        return cls._from_token_ids(model, pos_ids, neg_ids, site, position, method, normalize,
+                                   pad_id_of(tokenizer), batch_size)
+
+    @classmethod
+    def from_ab(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        rows: Sequence[dict[str, str]],
+        site: str = "layers.3",
+        method: Method = "mean_diff",
+        normalize: bool = False,
+        batch_size: int = 32,
+    ) -> SteeringVector:
+        """CAA's recipe on A/B rows ({question, answer_matching_behavior,
+        answer_not_matching_behavior}): read each side at its answer token, the first token
+        where the two answers differ (the letter in " (A)" / " (B)")."""
+        from residtap.steering.steerability import ab_items
+
+        if method not in ("mean_diff", "pca"):
+            raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
+        items = ab_items(tokenizer, rows)
+        pos_ids = [it.prompt + [it.matching] for it in items]
+        neg_ids = [it.prompt + [it.other] for it in items]
+        vec = cls._from_token_ids(model, pos_ids, neg_ids, site, "last", method, normalize,
+                                  pad_id_of(tokenizer), batch_size)
+        vec.position = "answer"
+        return vec
+
+    @classmethod
+    def _from_token_ids(cls, model, pos_ids, neg_ids, site, position, method, normalize,
+                        pad_id, batch_size) -> SteeringVector:
+        resolve_site(model, site)  # unknown sites fail here, before any forward
+        pos = read_activations(model, pos_ids, site, position, pad_id, batch_size)
+        neg = read_activations(model, neg_ids, site, position, pad_id, batch_size)
+        diffs = pos - neg  # (N, d)
+        mean_diff = diffs.mean(dim=0)
+        vector = mean_diff if method == "mean_diff" else _pca_direction(diffs, mean_diff)
+        extra = {"n_pairs": len(pos_ids), "mean_diff_norm": float(mean_diff.norm())}
+        if method == "pca":
+            extra["explained"] = _explained(diffs, vector)
+        vec = cls(vector.float(), site, method, model_identity(model), position, False, extra)
+        log.info("made %r from %d pairs", vec, len(pos_ids))
+        return vec.normalized_copy() if normalize else vec
+
+    @classmethod
+    def from_probe(
+        cls,
+        probe: Any,
+        site: str | None = None,
+        *,
+        row: int | None = None,
+        model: nn.Module | None = None,
+        normalize: bool = False,
+    ) -> SteeringVector:
+        """The direction of a probe's weights (a residtap Probe, or a raw (d,) / (C, d) tensor).
+
+        For a probe with several rows (multinomial), `row` picks the class. The site defaults to
+        the probe's own; `model` records (and for a Probe checks) which model it belongs to."""
+        is_tensor = isinstance(probe, Tensor)
+        weight = probe if is_tensor else getattr(probe, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise TypeError(
+                f"expected a residtap Probe (with a (C, d) .weight) or a tensor, got "
+                f"{type(probe).__name__}"
+            )
+        weight = weight.detach().float().cpu()
+        if weight.dim() == 1:
+            weight = weight[None]
+        if weight.dim() != 2:
+            raise ValueError(f"probe weights must be (d,) or (C, d), got {tuple(weight.shape)}")
+        if row is None:
+            if weight.shape[0] != 1:
+                raise ValueError(
+                    f"the probe has {weight.shape[0]} weight rows (one per class); pass row=i "
+                    "to choose which class direction to steer toward"
+                )
+            row = 0
+        if not -weight.shape[0] <= row < weight.shape[0]:
+            raise IndexError(f"row {row} out of range for {weight.shape[0]} probe weight rows")
+        site = site if site is not None else (None if is_tensor else getattr(probe, "site", None))
+        if site is None:
+            raise ValueError("the probe records no site; pass site='layers.N' (where it was read)")
+        identity = None if is_tensor else getattr(probe, "model", None)
+        if model is not None:
+            if identity is not None:
+                check_same_model(identity, model, "the probe")
+            identity = model_identity(model)
+            resolve_site(model, site)
+        method = "tensor" if is_tensor else "probe"
+        extra = {} if is_tensor else {"probe_kind": str(getattr(probe, "kind", "")), "row": row}
+        vec = cls(weight[row], site, method, identity, None, False, extra)
+        return vec.normalized_copy() if normalize else vec
+
+    def normalized_copy(self) -> SteeringVector:
+        """This vector scaled to unit length."""
+        norm = self.vector.norm()
+        if float(norm) == 0.0:
+            raise ValueError("cannot normalise a zero vector: the two sides gave equal activations")
+        return SteeringVector(self.vector / norm, self.site, self.method, self.model,
+                              self.position, True, dict(self.extra))
+
+    def random_like(self, seed: int = 0) -> SteeringVector:
+        """A random direction of the same norm at the same site (a baseline), reproducible."""
+        gen = torch.Generator().manual_seed(seed)
+        direction = torch.randn(self.d_model, generator=gen, dtype=torch.float32)
+        vector = direction * (self.vector.norm() / direction.norm())
+        return SteeringVector(vector, self.site, "random", self.model, None, self.normalized,
+                              {"seed": seed, "like": self.method})
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "site": self.site,
+            "method": self.method,
+            "position": json.dumps(self.position),
+            "normalized": json.dumps(self.normalized),
+            "norm": repr(self.norm),
+            "model": json.dumps(self.model, sort_keys=True, default=str),
+            "extra": json.dumps(self.extra, sort_keys=True, default=str),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({TENSOR_KEY: self.vector}, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> SteeringVector:
+        """Read a vector saved by `save`; with `model`, raise if it was made on another model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no steering vector file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = list(f.keys())
+                tensor = f.get_tensor(TENSOR_KEY) if TENSOR_KEY in keys else None
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        if meta.get("format") != FORMAT or tensor is None:
+            raise ValueError(
+                f"{path} is not a residtap steering vector (expected metadata format={FORMAT!r} "
+                f"and a tensor {TENSOR_KEY!r}; got format={meta.get('format')!r}, tensors "
+                f"{keys}); make one with SteeringVector.save or `residtap steer make`"
+            )
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has steering-vector format version {meta.get('format_version')!r}; this "
+                f"residtap reads version {FORMAT_VERSION}; upgrade residtap or re-make the vector"
+            )
+        identity = json.loads(meta.get("model", "null"))
+        vec = cls(tensor, meta["site"], meta.get("method", "unknown"), identity,
+                  json.loads(meta.get("position", "null")),
+                  bool(json.loads(meta.get("normalized", "false"))),
+                  json.loads(meta.get("extra", "{}")))
+        if model is not None:
+            check_model(vec, model)
+        return vec
+
+
+def check_model(vec: SteeringVector, model: nn.Module) -> None:
+    """ValueError when `vec` does not fit `model` (width, or the recorded model identity)."""
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(d, int) and d != vec.d_model:
+        raise ValueError(
+            f"steering vector for site {vec.site!r} has d={vec.d_model}, but "
+            f"{type(model).__name__} has hidden_size {d}; use a vector made on this model"
+        )
+    if vec.model is not None and vec.model.get("config_hash"):
+        check_same_model(vec.model, model, "the steering vector")
+
+
+def read_activations(
+    model: nn.Module,
+    ids: list[list[int]],
+    site: str,
+    position: Literal["last"] | int,
+    pad_id: int,
+    batch_size: int = 32,
+) -> Tensor:
+    """(N, d) float32 activations at `site`, one token per text; the forward stops at the site."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows: list[Tensor] = []
+    policy: Any = "last" if position == "last" else [int(position)]
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        if position != "last":
+            short = [i for i, s in enumerate(chunk) if not -len(s) <= int(position) < len(s)]
+            if short:
+                raise IndexError(
+                    f"position {position} is outside text {start + short[0]}, which has "
+                    f"{len(chunk[short[0]])} tokens; use an index every text has, or 'last'"
+                )
+        input_ids, mask = pad_left(chunk, pad_id)
+        with torch.no_grad(), capture(model, [site], positions=policy, stop_early=True) as acts:
+            model(**forward_inputs(model, input_ids, mask))
+        got = acts[resolve_site(model, site).name]  # (B, d) or (B, 1, d)
+        rows.append(got.reshape(len(chunk), -1).float().cpu())
+    return torch.cat(rows)
+
+
+def _pca_direction(diffs: Tensor, mean_diff: Tensor) -> Tensor:
+    """First right singular vector of the uncentred differences, sign-aligned with mean_diff,
+    scaled to the mean projection of the differences on it."""
+    _, _, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
+    direction = vh[0].float()  # (d,), unit length
+    projection = (diffs @ direction).mean()  # scalar: the average pair's separation
+    if float(projection) < 0:
+        direction, projection = -direction, -projection
+    if math.isclose(float(projection), 0.0, abs_tol=1e-12):
+        log.warning("the first principal component is orthogonal to the mean difference")
+    return direction * projection
+
+
+def _explained(diffs: Tensor, vector: Tensor) -> float:
+    """Fraction of the differences' (uncentred) energy along the vector's direction."""
+    unit = vector / vector.norm().clamp_min(1e-12)
+    total = float((diffs.double() ** 2).sum())
+    return float(((diffs.double() @ unit.double()) ** 2).sum()) / total if total > 0 else 0.0
