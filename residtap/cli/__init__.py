@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Sub-command modules, in the order `residtap --help` lists them.
-COMMANDS = ("sites", "capture", "cost", "steer")
+COMMANDS = ("sites", "capture", "cost", "steer", "probe", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
