@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from residtap.capture import Activations, capture
 from residtap.engine import Step, StopForward, tap
+from residtap.lens import LensResult, LogitLens, run_lens
+from residtap.probes.bank import ProbeBank
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
 from residtap.steering import SteerabilityResult, SteeringVector, steer, steerability
 from residtap.store import Store, extract
@@ -19,4 +21,6 @@ __all__ = [
     "resolve_site", "site_names", "tap",
 ]
 __all__ += ["Store", "extract"]
+__all__ += ["LensResult", "LogitLens", "run_lens"]
 __all__ += ["SteerabilityResult", "SteeringVector", "steer", "steerability"]
+__all__ += ["ProbeBank"]

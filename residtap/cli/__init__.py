@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Sub-command modules, in the order `residtap --help` lists them.
-COMMANDS = ("sites", "capture", "cost", "steer", "probe", "compare")
+COMMANDS = ("sites", "capture", "cost", "lens", "steer", "bench", "probe", "compare", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,85 @@
+"""`residtap lens MODEL --prompt TEXT --max-new-tokens N --out DIR`: logit lens of a generation.
+
+Writes lens.json (every statistic), lens.png (heatmap of one batch row; needs matplotlib) and
+lens.html (self-contained, hover for the top-k) into DIR, and prints a per-site summary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
+from residtap.lens import LensResult, run_lens
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lens", help="logit lens over prompts and their greedy continuation")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt; repeat for a batch (left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (16)")
+    p.add_argument("--out", required=True, help="folder for lens.json, lens.png, lens.html")
+    p.add_argument("--top-k", type=int, default=5, help="tokens kept per cell (5)")
+    p.add_argument("--sublayers", action="store_true", help="also lens attn and mlp outputs")
+    p.add_argument("--color", choices=("prob", "kl"), default="prob",
+                   help="colour cells by top-1 probability or by KL to the final layer")
+    p.add_argument("--row", type=int, default=0, help="batch row drawn in lens.png (0)")
+    p.add_argument("--memory-budget-mb", type=int, default=256,
+                   help="work space for the deferred decode, MiB (256)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own code to run (off by default)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def site_summary(result: LensResult) -> list[dict]:
+    """Per site, over real positions: mean entropy, mean KL to the final layer, and how often
+    the top-1 guess is the token that came next."""
+    real = result.attention_mask.bool()  # (B, T)
+    known = real & (result.actual_rank[0] >= 0)
+    rows = []
+    for i, site in enumerate(result.sites):
+        rows.append({
+            "site": site,
+            "entropy": round(float(result.entropy[i][real].mean()), 4),
+            "kl_to_final": round(float(result.kl[i][real].mean()), 4),
+            "top1_is_next": round(float((result.actual_rank[i][known] == 0).float().mean()), 4),
+        })
+    return rows
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 0 or args.top_k < 1 or args.memory_budget_mb < 1:
+        raise ValueError(
+            "expected --max-new-tokens >= 0, --top-k >= 1 and --memory-budget-mb >= 1; got "
+            f"{args.max_new_tokens}, {args.top_k}, {args.memory_budget_mb}"
+        )
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    with torch.no_grad():
+        result = run_lens(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                          top_k=args.top_k, sublayers=args.sublayers,
+                          memory_budget=args.memory_budget_mb * 2**20,
+                          progress=not args.json)
+    paths = result.save(args.out, row=args.row, color=args.color)
+    summary = site_summary(result)
+    generated = [tokenizer.decode(row[result.prompt_length:])
+                 for row in result.sequences.tolist()]
+    if args.json:
+        emit_json({
+            "model": args.model,
+            "files": {k: str(v) for k, v in paths.items()},
+            "shape": dict(zip("LBTk", result.topk_ids.shape, strict=True)),
+            "generated": generated,
+            "sites": summary,
+        })
+        return 0
+    for b, text in enumerate(generated):
+        print(f"row {b} generated: {text!r}")
+    print(format_table(summary, ["site", "entropy", "kl_to_final", "top1_is_next"]))
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0

@@ -1,0 +1,318 @@
+"""`residtap demo`: the whole story on one model, written as a self-contained HTML report.
+
+    result = run_demo(DemoInputs.organism(), out="residtap-demo")
+    result["report"]            # path of report.html
+
+Stages, each from real runs (nothing here is a placeholder):
+  1. capture   every layer at each text's last token into an on-disk store, per labelled set
+  2. probes    one probe per layer and latent, held-out accuracy by layer
+  3. runtime   the truth probe packed into a ProbeBank reading during generation, and early
+               exit driven by it: tokens saved against answer accuracy
+  4. lens      a logit lens of one generation, captured in the generate pass, decoded after
+  5. steering  a mood vector from contrastive pairs, its per-example steerability slopes
+               against a random direction of equal norm, and steered generations
+  6. cost      predicted arithmetic floor vs the bank's measured time inside its own taps
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import residtap
+from residtap.report.page import Figure, Report, Section
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoInputs:
+    """What the demo runs on: a model, labelled data sets, steering pairs and A/B prompts.
+
+    labelled: {name: JSONL path} in the labelled-texts schema ({"text", "label", "split"}).
+    truth: the name in `labelled` whose probe drives early exit (binary); early_exit: a JSONL
+    of statements whose answer comes after filler ({"text", "answer", "filler_start"}).
+    pairs / ab: JSONL of {"positive", "negative"} / CAA {"question", "answer_matching_behavior",
+    "answer_not_matching_behavior"}; lens_prompts and steer_prompts: short prompts."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    labelled: dict[str, Path]
+    pairs: Path | None = None
+    ab: Path | None = None
+    truth: str | None = None
+    early_exit: Path | None = None
+    lens_prompts: Sequence[str] = ()
+    steer_prompts: Sequence[str] = ()
+    classes: tuple[str, str] = ("false", "true")
+    steer_label: str = "mood"  # the labelled set whose best layer hosts the steering vector
+
+    @classmethod
+    def organism(cls, path: str | Path | None = None) -> DemoInputs:
+        from residtap import organism
+
+        model, tok = organism.load(path=path)
+        data = organism.DATA_DIR
+        return cls(
+            model=model, tokenizer=tok, name="residtap organism",
+            labelled={k: data / f"{k}.jsonl" for k in ("mood", "topic", "truth")},
+            pairs=data / "mood_pairs.jsonl", ab=data / "mood_ab.jsonl", truth="truth",
+            early_exit=data / "early_exit.jsonl",
+            lens_prompts=["i feel happy , and then the band"],
+            steer_prompts=["the fog", "i feel sad , and then the"],
+        )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage, write `out/report.html` and `out/summary.json`; return the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ["capture + probes", "runtime probes", "logit lens", "steering", "cost"]
+    bar = tqdm(stages, desc="residtap demo", unit="stage", disable=not progress)
+    summary: dict[str, Any] = {"model": inputs.name}
+    report = Report(f"residtap demo — {inputs.name}",
+                    subtitle=f"torch {torch.__version__}, residtap {residtap.__version__}")
+    t0 = time.perf_counter()
+    sweeps = {}
+    for stage in bar:
+        bar.set_postfix_str(stage)
+        t = time.perf_counter()
+        if stage == "capture + probes":
+            sweeps, section = _probes(inputs, out, max_samples, progress)
+            summary["probes"] = {k: _sweep_summary(s) for k, s in sweeps.items()}
+        elif stage == "runtime probes":
+            summary["early_exit"], section = _early_exit(inputs, sweeps, out)
+        elif stage == "logit lens":
+            summary["lens"], section = _lens(inputs, out)
+        elif stage == "steering":
+            label = inputs.steer_label
+            best = sweeps[label].best_site if label in sweeps else None
+            summary["steering"], section = _steering(inputs, best, out, progress)
+        else:
+            summary["cost"], section = _cost(inputs, sweeps, out)
+        summary.setdefault("seconds", {})[stage] = round(time.perf_counter() - t, 2)
+        if section is not None:
+            report.add(section)
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    summary["report"] = str(report.write(out / "report.html"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+# -- 1 + 2: capture a store per labelled set, sweep probes by layer ---------------------------
+def _probes(inputs: DemoInputs, out: Path, max_samples: int, progress: bool):
+    from residtap.probes.sweep import sweep
+    from residtap.report.plots import line_png
+
+    model, tok = inputs.model, inputs.tokenizer
+    sites = ["embed", *residtap.layer_sites(model)]
+    sweeps = {}
+    for name, path in inputs.labelled.items():
+        store = residtap.extract(model, tok, path, sites, out / f"store-{name}",
+                                 positions="last", max_samples=max_samples, overwrite=True,
+                                 progress=progress)
+        sweeps[name] = sweep(store, "label", progress=False)
+    series = {name: [s.score(site) for site in sites] for name, s in sweeps.items()}
+    png = line_png(out / "probes.png", sites, series, xlabel="site", ylabel="held-out accuracy",
+                   title="What is decodable where: one linear probe per layer and latent")
+    rows = [{"latent": n, **_sweep_summary(s)} for n, s in sweeps.items()]
+    text = ("Each labelled set was run through the model once; every layer's residual stream at "
+            "each text's last token went to an on-disk store (safetensors shards). One logistic "
+            "probe per layer was trained on the train split and scored on the held-out test "
+            "split (split by text). 'embed' is the token embedding alone: at the last token it "
+            "carries no label, so its accuracy is near chance.")
+    return sweeps, Section("Probes by layer", text=text, table=rows,
+                           figures=[Figure(png, "held-out accuracy by layer", id="probe-plot")])
+
+
+def _sweep_summary(s) -> dict[str, Any]:
+    return {"best_site": s.best_site, "best_accuracy": round(s.score(s.best_site), 4),
+            "embed_accuracy": round(s.score("embed"), 4), "chance": s.chance}
+
+
+# -- 3: runtime probes and early exit --------------------------------------------------------
+def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
+    from residtap.probes.early_exit import early_exit_curve
+    from residtap.report.plots import line_png
+
+    if inputs.truth is None or inputs.early_exit is None or inputs.truth not in sweeps:
+        return None, None
+    truth = sweeps[inputs.truth]
+    probe = truth.probes[truth.best_site]
+    bank = residtap.ProbeBank().add_probe(probe, name="truth")
+    rows = [r for r in read_jsonl(inputs.early_exit) if r.get("split") == "test"]
+    prompts = [" ".join(r["text"].split()[:r["filler_start"]]) for r in rows]
+    labels = [r["answer"] for r in rows]
+    thresholds = [8.0, 6.0, 4.0, 2.0]
+    curve = early_exit_curve(inputs.model, inputs.tokenizer, prompts, labels, bank, "truth",
+                             thresholds, classes=inputs.classes, patience=1, max_new_tokens=12)
+    x = [f"{c['threshold']}" if c["threshold"] is not None else "off" for c in curve]
+    png = line_png(out / "early_exit.png", x, {
+        "answer accuracy": [c["accuracy"] for c in curve],
+        "tokens saved (fraction)": [c["tokens_saved_frac"] for c in curve],
+    }, xlabel="probe threshold (|logit|)", ylabel="fraction",
+        title="Early exit driven by the truth probe")
+    text = (f"The truth probe ({truth.best_site}) was packed into a ProbeBank: one matmul per "
+            "site, scores written into a preallocated buffer during generate. Generation of "
+            f"{len(prompts)} held-out statements starts at the first filler word; a row stops as "
+            "soon as the probe's |score| passes the threshold and answers with the probe's "
+            "class. 'off' is full generation, where the model writes its own verdict.")
+    return curve, Section("Runtime probes and early exit", text=text, table=curve,
+                          figures=[Figure(png, "tokens saved vs accuracy", id="early-exit")])
+
+
+# -- 4: logit lens ---------------------------------------------------------------------------
+def _lens(inputs: DemoInputs, out: Path):
+    if not inputs.lens_prompts:
+        return None, None
+    result = residtap.run_lens(inputs.model, inputs.tokenizer, list(inputs.lens_prompts[:1]),
+                               max_new_tokens=10, top_k=5)
+    paths = result.save(out / "lens")
+    kl = result.kl[:, 0][:, result.attention_mask[0].bool()].mean(dim=1)  # (L,)
+    rows = [{"site": s, "mean KL to final (nats)": round(float(v), 4),
+             "mean entropy (nats)": round(float(e), 4)}
+            for s, v, e in zip(result.sites, kl, result.entropy[:, 0].mean(dim=1), strict=True)]
+    text = ("Every layer's residual stream was captured into preallocated buffers during one "
+            "generate call with the KV cache, then decoded afterwards in chunked batches through "
+            "the model's own final norm and unembedding, with full-vocabulary probabilities. "
+            "Predictions converge with depth: KL to the final layer falls. The interactive "
+            f"version is {paths['html'].name} beside this report.")
+    summary = {"sites": result.sites, "kl_by_layer": [r["mean KL to final (nats)"] for r in rows]}
+    return summary, Section("Logit lens", text=text, table=rows,
+                            figures=[Figure(paths["png"], "top-1 token per layer and position",
+                                            id="lens-heatmap")])
+
+
+# -- 5: steering -----------------------------------------------------------------------------
+def _steering(inputs: DemoInputs, site: str | None, out: Path, progress: bool):
+    from residtap.steering.generation import compare_generations
+
+    if inputs.pairs is None or inputs.ab is None or site is None or site == "embed":
+        return None, None
+    pairs = read_jsonl(inputs.pairs)
+    vec = residtap.SteeringVector.from_pairs(
+        inputs.model, inputs.tokenizer, [p["positive"] for p in pairs],
+        [p["negative"] for p in pairs], site=site)
+    strengths = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    result = residtap.steerability(inputs.model, inputs.tokenizer, read_jsonl(inputs.ab), vec,
+                                   strengths, positions=-1, progress=progress)
+    png = result.save_plot(out / "steering.png", out / "steering.html")[0]
+    stats = result.summary()
+    gens = compare_generations(inputs.model, inputs.tokenizer, list(inputs.steer_prompts), vec,
+                               strengths=[-1.0, 0.0, 1.0], max_new_tokens=10)
+    text = (f"A mood vector (mean difference of {len(pairs)} contrastive pairs at {site}, norm "
+            f"{vec.norm:.1f}) was added after each prompt. A whole sweep of strengths ran as "
+            "batched rows, each row with its own strength. Per-example slopes of propensity "
+            "(logit of the matching answer minus the other) against strength are compared "
+            "with a random direction of the same norm.")
+    keys = ("mean", "std", "median", "iqr", "wrong_way", "mean_curve_r2")
+    rows = [{"direction": name.replace("_", " "), **{k: round(stats[name][k], 4) for k in keys}}
+            for name in ("vector", "random_baseline") if name in stats]
+    return {"site": site, **stats}, Section(
+        "Steering", text=text, table=rows, pre=_format_generations(gens),
+        figures=[Figure(png, "propensity against strength", id="steering-curve")])
+
+
+def _format_generations(gens: list[dict[str, Any]]) -> str:
+    """Steered generations side by side, one block per prompt."""
+    lines = []
+    for g in gens:
+        lines.append(f"prompt: {g['prompt']}")
+        for strength, text in sorted(g["generations"].items(), key=lambda kv: float(kv[0])):
+            lines.append(f"  strength {float(strength):+.1f}: {text}")
+    return "\n".join(lines)
+
+
+# -- 6: cost ---------------------------------------------------------------------------------
+def _cost(inputs: DemoInputs, sweeps: dict, out: Path):
+    from residtap.cost import estimate_cost
+
+    model, tok = inputs.model, inputs.tokenizer
+    n_layers = len(residtap.layer_sites(model))
+    bank = residtap.ProbeBank()
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    for site in residtap.layer_sites(model):  # 100 probes per layer, as a monitor would run
+        bank.add(f"p-{site}", torch.randn(100, d, generator=gen), torch.zeros(100), site=site)
+    prompt = list(inputs.lens_prompts[:1]) or ["hello"]
+    batch = tok(prompt * 8, return_tensors="pt", padding=True)
+    new = 32
+    kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
+                  min_new_tokens=new)
+    with torch.no_grad():
+        model.generate(**batch, **kwargs)  # warm-up
+        t = time.perf_counter()
+        with bank.attach(model, max_tokens=new, timed=True) as run:
+            model.generate(**batch, **kwargs)
+        gen_s = time.perf_counter() - t
+    predicted = estimate_cost(model.config.to_dict(), n_probes=100, sites="all",
+                              positions="generated", batch_size=8, new_tokens=new,
+                              dtype_bytes=4, hardware="cpu").to_dict()
+    inside = run.tap_seconds / gen_s
+    rows = [
+        {"quantity": "probes read per token", "value": 100 * n_layers},
+        {"quantity": "arithmetic floor (probe FLOPs / forward FLOPs)",
+         "value": _pct(predicted.get("arithmetic_overhead"))},
+        {"quantity": "bytes overhead (predicted)", "value": _pct(predicted.get("bytes_overhead"))},
+        {"quantity": "time inside residtap's bank taps / generate (measured)",
+         "value": _pct(inside)},
+        {"quantity": "generate seconds (batch 8, 32 new tokens, measured)",
+         "value": round(gen_s, 3)},
+    ]
+    text = ("What the runtime probes cost on this model: the arithmetic floor is the probes' "
+            "FLOPs against the forward's; the measured number is the time spent inside residtap's "
+            "own packed-probe taps during one generate call. bench/ and BENCHMARKS.md hold the "
+            "side-by-side comparison with naive per-probe hooks.")
+    summary = {"predicted": predicted, "measured_inside_fraction": inside, "generate_s": gen_s}
+    return summary, Section("Cost", text=text, table=rows, id="cost-table")
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.3f}%" if isinstance(v, (int, float)) else str(v)
+
+
+def terminal_summary(summary: dict[str, Any]) -> str:
+    """A short plain-text account of a demo run."""
+    lines = [f"residtap demo on {summary['model']} ({summary['seconds']['total']:.0f} s)"]
+    for name, p in (summary.get("probes") or {}).items():
+        lines.append(f"  probe {name:<8} best {p['best_site']:<9} {p['best_accuracy']:.3f}   "
+                     f"embed {p['embed_accuracy']:.3f}")
+    curve = summary.get("early_exit")
+    if curve:
+        best = max(curve[1:], key=lambda c: (c["accuracy"] >= curve[0]["accuracy"] - 0.02,
+                                              c["tokens_saved_frac"]))
+        full = curve[0]["accuracy"]
+        lines.append(f"  early exit: {100 * best['tokens_saved_frac']:.0f}% tokens saved at "
+                     f"accuracy {best['accuracy']:.3f} (full generation {full:.3f})")
+    lens = summary.get("lens")
+    if lens:
+        kl = lens["kl_by_layer"]
+        lines.append(f"  logit lens: KL to final {kl[0]:.2f} (first) -> {kl[-1]:.2f} (last)")
+    steer = summary.get("steering")
+    if steer:
+        v, r = steer["vector"], steer.get("random_baseline", {})
+        lines.append(f"  steering at {steer['site']}: slope {v['mean']:.2f} "
+                     f"({100 * v['wrong_way']:.0f}% wrong way); random {r.get('mean', 0):.2f}")
+    cost = summary.get("cost")
+    if cost:
+        floor = cost["predicted"]["arithmetic_overhead"]
+        lines.append(f"  cost: arithmetic floor {100 * floor:.2f}%, measured inside taps "
+                     f"{100 * cost['measured_inside_fraction']:.2f}%")
+    lines.append(f"  report: {summary['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""Deferred logit-lens decode: captured hidden states -> the model's own readout -> statistics.
+
+    readout = readout_of(model)          # final norm, unembedding, soft-cap: from a table
+    stats = decode(hidden, length=T, readout=readout, next_ids=ids, final_slot=-1)
+    stats.topk_probs                     # (S, B, T, k) full-vocabulary probabilities
+
+Every (site, position) row goes through exactly what the model applies after its last block:
+the final norm, any projection (OPT's `project_out`), the unembedding and any final logit
+soft-capping (`tanh(logits / cap) * cap` for Gemma 2/3). Which of these an architecture has
+comes from `READOUTS`, an explicit table keyed by `config.model_type`; an unknown model type is
+an error naming what to pass instead (`readout=Readout(...)`), never a guess.
+
+Rows are decoded in chunks sized by a memory budget, so only one chunk's full-vocabulary logits
+exist at a time. A chunk holds every site of a few positions, so the final layer's
+distribution (the reference for KL) is always in the same chunk. Per row we keep:
+
+    topk_ids, topk_probs  the k most likely tokens; probabilities are softmax over the FULL
+                          vocabulary (never re-normalised over the top k)
+    entropy               of the full distribution, in nats
+    kl                    KL(p_final || p_site) in nats (the tuned-lens convention)
+    actual_rank           rank of the token that actually came next (0 = top-1; ties count in
+                          its favour; -1 where no next token is known)
+
+All statistics are computed in float32 from one unnormalised exponent buffer: with
+m = max(logits), e = exp(logits - m), z = sum(e): lse = m + log z; entropy = lse - E_p[logits];
+KL = (E_pf[logits_f] - lse_f) - (E_pf[logits_s] - lse_s). Every E_p[logits] of a position comes
+from one small (S x V) @ (V x S) GEMM. Two CPU-minded helpers keep the passes over the
+full-vocabulary rows few and cheap: `blocked_topk` (exact top-k from block maxima) and
+`count_greater` (the rank, counting comparison flags 8 at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from residtap.sites import final_norm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of full-vocabulary work space per chunk
+
+
+@dataclass(frozen=True)
+class ReadoutRule:
+    """What an architecture applies between its last block and its logits, besides the final
+    norm (found through residtap.sites) and the output embeddings (`get_output_embeddings`).
+
+    softcap:     config attribute holding the final logit soft-cap (None: the model has none)
+    project_out: module path, relative to the base model, applied after the final norm"""
+
+    softcap: str | None = None
+    project_out: str | None = None
+
+
+_PLAIN = ReadoutRule()
+_GEMMA_CAPPED = ReadoutRule(softcap="final_logit_softcapping")
+
+# model_type -> readout rule. Explicit on purpose: an unknown model type raises.
+READOUTS: dict[str, ReadoutRule] = {
+    "llama": _PLAIN,
+    "mistral": _PLAIN,
+    "qwen2": _PLAIN,
+    "qwen3": _PLAIN,
+    "phi3": _PLAIN,
+    "gemma": _PLAIN,
+    "gemma2": _GEMMA_CAPPED,
+    "gemma3_text": _GEMMA_CAPPED,
+    "gpt2": _PLAIN,
+    "gpt_neox": _PLAIN,
+    "opt": ReadoutRule(project_out="decoder.project_out"),
+}
+
+# Config attributes that change logits after the unembedding in some architectures. If one is
+# set on a model whose rule does not account for it, the lens would be silently wrong: raise.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_multiplier_scale")
+
+
+@dataclass
+class Readout:
+    """The model's own path from a residual-stream vector to logits.
+
+    norm:    the final norm (None only for a model without one; pass it explicitly)
+    unembed: a Linear-like module with `weight` (V, d) and optional `bias` (V,)
+    softcap: final logit soft-cap, or None
+    project: a module applied after the norm and before the unembedding, or None"""
+
+    norm: nn.Module | None
+    unembed: nn.Module
+    softcap: float | None = None
+    project: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        weight = getattr(self.unembed, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(
+                "the unembedding must be a Linear-like module with a 2-D weight (vocab, d); got "
+                f"{type(self.unembed).__name__}; pass readout=Readout(norm=..., unembed=...)"
+            )
+
+    @property
+    def weight(self) -> Tensor:
+        return self.unembed.weight  # (V, d)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """Logits (R, V) for residual vectors `hidden` (R, d), optionally written into `out`."""
+        h = hidden.to(self.weight.dtype)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.project is not None:
+            h = self.project(h)
+        bias = getattr(self.unembed, "bias", None)
+        if bias is None:
+            logits = torch.matmul(h, self.weight.t(), out=out)  # (R, V)
+        else:
+            logits = torch.addmm(bias, h, self.weight.t(), out=out)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+
+def readout_of(model: nn.Module) -> Readout:
+    """The model's readout from `READOUTS`; LookupError for a model type it does not list."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    rule = READOUTS.get(model_type)
+    if rule is None:
+        raise LookupError(
+            f"residtap has no logit-lens readout rule for {type(model).__name__} (model_type "
+            f"{model_type!r}); known: {', '.join(sorted(READOUTS))}. Pass the parts yourself: "
+            "readout=residtap.lens.Readout(norm=<final norm>, unembed=<lm head>, softcap=None)"
+        )
+    for attr in _LOGIT_TRANSFORMS:
+        if attr != rule.softcap and getattr(config, attr, None) not in (None, 1, 1.0):
+            raise LookupError(
+                f"{type(model).__name__} sets config.{attr}={getattr(config, attr)!r}, which the "
+                f"readout rule for {model_type!r} does not apply; the lens would not match the "
+                "model's logits. Pass readout=residtap.lens.Readout(...) that applies it"
+            )
+    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if unembed is None:
+        raise LookupError(
+            f"{type(model).__name__} has no output embeddings, so there is nothing to lens "
+            "through; load the model with AutoModelForCausalLM"
+        )
+    softcap = getattr(config, rule.softcap, None) if rule.softcap else None
+    project = None
+    if rule.project_out is not None:
+        parent, _, name = rule.project_out.rpartition(".")
+        project = getattr(model.base_model.get_submodule(parent), name, None)  # None: absent
+    return Readout(norm=final_norm(model), unembed=unembed,
+                   softcap=float(softcap) if softcap is not None else None, project=project)
+
+
+@dataclass
+class LensStats:
+    """Per (site, row, position) statistics; shapes (S, B, T, ...)."""
+
+    topk_ids: Tensor  # (S, B, T, k) int64
+    topk_probs: Tensor  # (S, B, T, k) float32, full-vocabulary probabilities
+    entropy: Tensor  # (S, B, T) float32, nats
+    kl: Tensor  # (S, B, T) float32, KL(final || site) in nats
+    actual_rank: Tensor  # (S, B, T) int64, -1 where the next token is unknown
+
+
+def chunk_cells(n_sites: int, vocab: int, memory_budget: int, logits_itemsize: int = 4) -> int:
+    """How many positions (each with all `n_sites` rows) fit one chunk of `memory_budget` bytes.
+
+    Per row: float32 logits, float32 exponents, a bool compare mask, and the logits in the
+    readout's dtype when that is not float32."""
+    per_row = vocab * (4 + 4 + 1 + (logits_itemsize if logits_itemsize != 4 else 0))
+    cells = memory_budget // (per_row * n_sites)
+    if cells < 1:
+        log.warning("memory budget %d B is below one position (%d sites x %d B); using one",
+                    memory_budget, n_sites, per_row)
+    return max(1, int(cells))
+
+
+_BLOCK = 128  # columns per block in blocked_topk
+_GROUP_WORDS = 255  # int64 words summed together in count_greater (no byte can overflow)
+
+
+def blocked_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(logits, k) for (R, V) logits, exact, via block maxima.
+
+    The k blocks of 128 columns with the largest maxima hold every top-k entry (an entry in any
+    other block has k larger block maxima above it), so one cheap max pass plus a top-k over
+    k * 128 candidates replaces a full-row selection, which is slow on CPU. Columns after the
+    last whole block are always candidates. Values come sorted, largest first."""
+    R, V = logits.shape
+    n_blocks = V // _BLOCK
+    if n_blocks <= k:
+        return logits.topk(k, dim=-1)
+    body = logits[:, : n_blocks * _BLOCK].view(R, n_blocks, _BLOCK)
+    blocks = body.amax(dim=-1).topk(k, dim=-1).indices  # (R, k)
+    offsets = torch.arange(_BLOCK, device=logits.device)
+    cols = (blocks[..., None] * _BLOCK + offsets).flatten(1)  # (R, k * 128)
+    if V > n_blocks * _BLOCK:
+        tail = torch.arange(n_blocks * _BLOCK, V, device=logits.device).expand(R, -1)
+        cols = torch.cat([cols, tail], dim=1)
+    vals, idx = logits.gather(1, cols).topk(k, dim=-1)
+    return vals, cols.gather(1, idx)
+
+
+def _padded_width(vocab: int) -> int:
+    """Width of count_greater's flag buffer: a whole number of 255-word groups of 8 bytes."""
+    group = _GROUP_WORDS * 8
+    return -(-vocab // group) * group
+
+
+def count_greater(values: Tensor, threshold: Tensor, flags: Tensor) -> Tensor:
+    """Per row of values (R, V), how many entries are > threshold (R, 1): (R,) int64.
+
+    `flags` is a (R, _padded_width(V)) bool work buffer whose columns >= V are False. The
+    comparison is written into it, then counted 8 flags at a time: the flags are read as int64
+    words, groups of 255 words are summed (each of a word's 8 bytes sums 0/1 flags, so no byte
+    reaches 256 and carries into the next), and the bytes of the group sums are added up.
+    This is several times faster than bool.sum(dim) on CPU."""
+    R, V = values.shape
+    torch.gt(values, threshold, out=flags[:, :V])
+    groups = flags.view(torch.int64).view(R, -1, _GROUP_WORDS).sum(dim=-1)  # (R, G)
+    return groups.view(torch.uint8).view(R, -1).sum(dim=-1)
+
+
+@torch.no_grad()
+def decode(
+    hidden: Tensor,
+    *,
+    length: int,
+    readout: Readout,
+    next_ids: Tensor,
+    final_slot: int = -1,
+    top_k: int = 5,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+) -> LensStats:
+    """Decode captured residual vectors `hidden` (B, S, T_max, d), positions [0, length).
+
+    next_ids: (B, length) the token that came after each position (-1: unknown).
+    final_slot: which of the S slots holds the last block's output (the KL reference)."""
+    if hidden.dim() != 4:
+        raise ValueError(
+            f"expected hidden of shape (B, sites, T, d), got {tuple(hidden.shape)}"
+        )
+    B, S, T_max, d = hidden.shape
+    V = readout.vocab_size
+    if not 0 < length <= T_max:
+        raise ValueError(f"length must be in 1..{T_max} (the buffer's T), got {length}")
+    if tuple(next_ids.shape) != (B, length):
+        raise ValueError(
+            f"next_ids must be (B, length) = ({B}, {length}), got {tuple(next_ids.shape)}"
+        )
+    if not 1 <= top_k <= V:
+        raise ValueError(f"top_k must be in 1..{V} (the vocabulary size), got {top_k}")
+    f = final_slot % S
+    device = hidden.device
+    N = B * length
+    lowp = readout.weight.dtype != torch.float32
+    P = min(N, chunk_cells(S, V, memory_budget, readout.weight.element_size()))
+    R_max = P * S
+    f32 = torch.empty(R_max, V, device=device)  # logits, float32
+    raw = torch.empty(R_max, V, device=device, dtype=readout.weight.dtype) if lowp else f32
+    exps = torch.empty(R_max, V, device=device)  # exp(logits - max), unnormalised
+    flags = torch.zeros(R_max, _padded_width(V), device=device, dtype=torch.bool)
+
+    out_ids = torch.empty(N, S, top_k, dtype=torch.long, device=device)
+    out_probs = torch.empty(N, S, top_k, device=device)
+    out_ent = torch.empty(N, S, device=device)
+    out_kl = torch.empty(N, S, device=device)
+    out_rank = torch.empty(N, S, dtype=torch.long, device=device)
+    by_cell = hidden[:, :, :length].permute(0, 2, 1, 3)  # (B, T, S, d) view, no copy
+    nxt = next_ids.reshape(N).to(device)
+
+    starts = range(0, N, P)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="lens decode", unit="chunk")
+    log.info("lens decode: %d rows in chunks of %d positions x %d sites", N * S, P, S)
+    for c0 in starts:
+        c1 = min(c0 + P, N)
+        p, R = c1 - c0, (c1 - c0) * S
+        cells = torch.arange(c0, c1, device=device)
+        x = by_cell[cells // length, cells % length].reshape(R, d)  # (R, d) gathered copy
+        logits = readout.logits(x, out=raw[:R])  # (R, V)
+        if lowp:
+            logits = f32[:R].copy_(logits)
+        vals, ids = blocked_topk(logits, top_k)  # (R, k); vals[:, 0] is the row max
+        e = torch.sub(logits, vals[:, :1], out=exps[:R]).exp_()  # (R, V)
+        z = e.sum(dim=-1).view(p, S)
+        lse = vals[:, 0].view(p, S) + z.log()
+        out_ids[c0:c1] = ids.view(p, S, top_k)
+        out_probs[c0:c1] = (vals.view(p, S, top_k) - lse[..., None]).exp()
+        # dots[c, s, t] = sum_v logits_s(c)[v] * e_t(c)[v]: one small GEMM per position gives
+        # E_p_s[logits_s] (the diagonal, for entropy) and E_p_final[logits_s] (column f, for KL)
+        dots = torch.bmm(logits.view(p, S, V), e.view(p, S, V).transpose(1, 2))  # (p, S, S)
+        out_ent[c0:c1] = lse - dots.diagonal(dim1=1, dim2=2) / z
+        cross = dots[:, :, f] / z[:, f : f + 1]  # (p, S)
+        kl = (cross[:, f : f + 1] - lse[:, f : f + 1]) - (cross - lse)
+        out_kl[c0:c1] = kl.clamp_(min=0.0)
+        target = nxt[c0:c1]  # (p,)
+        tgt = target.clamp(min=0)[:, None].expand(p, S).reshape(R, 1)
+        rank = count_greater(logits, logits.gather(1, tgt), flags[:R]).view(p, S)
+        out_rank[c0:c1] = torch.where(target[:, None] >= 0, rank, -1)
+
+    def arrange(t: Tensor) -> Tensor:  # (N, S, ...) -> (S, B, T, ...)
+        t = t.view(B, length, S, *t.shape[2:])
+        return t.movedim(2, 0).contiguous()
+
+    return LensStats(arrange(out_ids), arrange(out_probs), arrange(out_ent), arrange(out_kl),
+                     arrange(out_rank))

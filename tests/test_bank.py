@@ -1,0 +1,321 @@
+"""Probe bank: packed scores equal probes on captured activations, early exit per row,
+compile safety, hook hygiene, user errors, and the bench CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import residtap
+from residtap.engine import count_hooks
+from residtap.probes.bank import ProbeBank
+
+D = 32
+PROMPTS = [[5, 9, 13, 22, 40, 7], [8, 31], [11, 12, 60, 4]]  # different lengths: left padding
+
+
+def left_padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def make_bank(seed: int = 0) -> ProbeBank:
+    g = torch.Generator().manual_seed(seed)
+    bank = ProbeBank()
+    bank.add("a", torch.randn(D, generator=g), 0.5, site="layers.1")
+    bank.add("b", torch.randn(3, D, generator=g), torch.randn(3, generator=g), site="layers.3",
+             classes=["x", "y", "z"])
+    bank.add("c", torch.randn(D, generator=g), -0.25, site="layers.1")
+    bank.add("e", torch.randn(2, D, generator=g), None, site="embed")
+    return bank
+
+
+def expected_scores(bank: ProbeBank, acts) -> dict[str, torch.Tensor]:
+    """W @ h + b for every probe on captured activations (B, T, d) -> (B, T, C)."""
+    return {p.name: acts[p.site] @ p.weight.T + p.bias for p in bank.probes}
+
+
+class NaiveItemHook:
+    """The usual way: one forward hook per probe reading its score with .item()."""
+
+    def __init__(self, weight: torch.Tensor, sink: list) -> None:
+        self.weight, self.sink = weight, sink
+
+    def __call__(self, module, args, output) -> None:
+        self.sink.append(float((output[:, -1] @ self.weight).sum().item()))
+
+
+def generate(model, ids, mask, n, **kw):
+    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, **kw}
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **kw)
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt_last", "prompt", "all"])
+def test_packed_scores_equal_probes_on_captured_activations(positions):
+    model, bank, n = tiny_model("llama", layers=4), make_bank(), 5
+    ids, mask = left_padded(PROMPTS)
+    B, Tp = ids.shape
+    sites = sorted({p.site for p in bank.probes})
+    slots = {"generated": n, "prompt_last": 1, "prompt": Tp, "all": Tp + n - 1}[positions]
+    torch.manual_seed(3)  # sampling: the bank must follow whatever tokens are drawn
+    with torch.no_grad(), residtap.capture(model, sites) as acts, bank.attach(
+            model, batch_size=B, max_tokens=slots, positions=positions,
+            aggregate=("max", "mean", "ema"), ema_alpha=0.3) as run:
+        generate(model, ids, mask, n, do_sample=True, top_k=0)
+    res = run.results()
+    full = expected_scores(bank, acts)  # (B, Tp + n - 1, C): every fed position
+    real = mask.bool()
+    pick = {"generated": slice(Tp - 1, None), "prompt_last": slice(Tp - 1, Tp),
+            "prompt": slice(0, Tp), "all": slice(None)}[positions]
+    valid = {"generated": torch.ones(B, n, dtype=torch.bool),
+             "prompt_last": torch.ones(B, 1, dtype=torch.bool), "prompt": real,
+             "all": torch.cat([real, torch.ones(B, n - 1, dtype=torch.bool)], 1)}[positions]
+    assert res.scores.shape == (B, slots, 7) and torch.equal(res.valid, valid)
+    for name, want in full.items():
+        got = res[name]
+        assert torch.allclose(got, want[:, pick], atol=1e-5), (positions, name)
+        # aggregates over each row's valid tokens
+        rows = [want[b, pick][valid[b]] for b in range(B)]  # (n_b, C)
+        cols = run.probe_columns[name]
+        mx = torch.stack([r.amax(0) for r in rows])
+        mean = torch.stack([r.mean(0) for r in rows])
+        ema = []
+        for r in rows:
+            s = torch.zeros(r.shape[1])
+            for x in r:
+                s = 0.3 * x + 0.7 * s
+            ema.append(s / (1 - 0.7 ** len(r)))
+        assert torch.allclose(res.aggregates["max"][:, cols], mx, atol=1e-5)
+        assert torch.allclose(res.aggregates["mean"][:, cols], mean, atol=1e-5)
+        assert torch.allclose(res.aggregates["ema"][:, cols], torch.stack(ema), atol=1e-5)
+    per_row = res.rows()
+    assert len(per_row) == B and per_row[1]["b:y"].shape == (int(valid[1].sum()),)
+
+
+def test_plain_forward_right_padding_reads_last_real_token():
+    model, bank = tiny_model("llama", layers=4), make_bank()
+    T = max(map(len, PROMPTS))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in PROMPTS])
+    mask = (torch.arange(T) < torch.tensor([len(s) for s in PROMPTS])[:, None]).long()
+    with torch.no_grad(), residtap.capture(model, ["layers.1", "layers.3", "embed"],
+                                           positions="last") as acts:
+        with bank.attach(model, positions="prompt_last") as run:
+            model(input_ids=ids, attention_mask=mask)
+    want = expected_scores(bank, acts)
+    for name in ("a", "b", "e"):
+        assert torch.allclose(run.results()[name][:, 0], want[name], atol=1e-5)
+
+
+def test_rows_are_never_attributed_to_another_request():
+    """Each row of a left-padded batch scores like its prompt generated alone."""
+    model, bank, n = tiny_model("llama", layers=4), make_bank(), 6
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+        out = generate(model, ids, mask, n)
+    batched = run.results()
+    for b, prompt in enumerate(PROMPTS):
+        one = torch.tensor([prompt])
+        with torch.no_grad(), bank.attach(model, max_tokens=n) as solo:
+            alone = generate(model, one, torch.ones_like(one), n)
+        assert torch.equal(alone[0, len(prompt):], out[b, ids.shape[1]:])
+        assert torch.allclose(solo.results().scores[0], batched.scores[b], atol=1e-4), b
+
+
+def test_stream_callback_gets_every_step_while_generating():
+    model, bank, n = tiny_model("llama", layers=4), make_bank(), 5
+    ids, mask = left_padded(PROMPTS)
+    seen = []
+    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+        live = run.streamer(lambda s: seen.append((s.start, s.scores.clone())))
+        generate(model, ids, mask, n, stopping_criteria=[live])
+    assert [s for s, _ in seen] == list(range(n))
+    assert torch.equal(torch.cat([x for _, x in seen], 1), run.results().scores)
+
+
+def test_early_exit_stops_exactly_the_crossing_rows_and_leaves_others_unchanged():
+    model, n, patience = tiny_model("llama", layers=4), 8, 2
+    bank = make_bank()
+    ids, mask = left_padded(PROMPTS)
+    kw = {"eos_token_id": 2, "pad_token_id": 0}  # an EOS criterion: stopped rows get pads
+    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+        base = generate(model, ids, mask, n, **kw)
+    score = run.results()["a"][..., 0]  # (B, n)
+    # Pick a threshold that stops some rows but not all, and compute where each should stop.
+    for threshold in torch.quantile(score, torch.linspace(0.3, 0.95, 14)).tolist():
+        over = (score > threshold).int()
+        streak = torch.zeros(len(PROMPTS), dtype=torch.int)
+        stop_at = [-1] * len(PROMPTS)
+        for k in range(n):
+            streak = (streak + 1) * over[:, k]
+            for b in range(len(PROMPTS)):
+                if stop_at[b] < 0 and streak[b] >= patience:
+                    stop_at[b] = k
+        if 0 < sum(s >= 0 for s in stop_at) < len(PROMPTS):
+            break
+    else:
+        pytest.fail(f"no threshold splits the rows; scores {score}")
+    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+        stop = run.early_exit("a", threshold, patience=patience)
+        out = generate(model, ids, mask, n, stopping_criteria=[stop], **kw)
+    report = stop.report()
+    assert report.stop_token == stop_at
+    Tp = ids.shape[1]
+    for b, k in enumerate(stop_at):
+        if k < 0:  # a row that did not stop: identical output
+            assert torch.equal(out[b, Tp:], base[b, Tp:])
+            assert report.tokens_saved[b] == 0
+        else:  # kept tokens 0..k, then pads
+            assert torch.equal(out[b, Tp:Tp + k + 1], base[b, Tp:Tp + k + 1])
+            assert (out[b, Tp + k + 1:] == 0).all()
+            assert report.tokens_saved[b] == n - (k + 1)
+            assert not run.results().valid[b, k + 1:].any()
+    assert report.trim(out, Tp)[0] == out[0, Tp:Tp + report.tokens_kept[0]].tolist()
+
+
+def test_compiles_with_zero_graph_breaks_and_matches_eager_while_naive_hooks_break():
+    import torch._dynamo as dynamo
+
+    model, bank = tiny_model("llama", layers=2), ProbeBank()  # small: tracing costs CPU time
+    bank.add("a", torch.randn(D), 0.5, site="layers.0")
+    bank.add("b", torch.randn(3, D), torch.randn(3), site="layers.1", classes=["x", "y", "z"])
+    bank.add("e", torch.randn(2, D), None, site="embed")
+    ids, mask = left_padded(PROMPTS)
+
+    def forward(x, m):
+        return model(input_ids=x, attention_mask=m, use_cache=False).logits
+
+    with torch.no_grad(), bank.attach(model, batch_size=3, max_tokens=ids.shape[1],
+                                      positions="prompt", aggregate=("max", "ema")) as run:
+        dynamo.reset()
+        explained = dynamo.explain(forward)(ids, mask)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, [
+            str(r.reason)[:200] for r in explained.break_reasons]
+        eager_logits = forward(ids, mask)
+        eager = run.results()
+        dynamo.reset()
+        # aot_eager: the full dynamo + AOTAutograd path without inductor's C++ build (CPU time)
+        compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+        assert torch.allclose(compiled(ids, mask), eager_logits, atol=1e-5)
+        got = run.results()
+    assert torch.allclose(got.scores, eager.scores, atol=1e-6)
+    assert torch.allclose(got.aggregates["ema"], eager.aggregates["ema"], atol=1e-6)
+
+    # The usual way: a hook per probe reading its score with .item() breaks the graph.
+    sink: list = []
+    layer0 = model.get_submodule(residtap.resolve_site(model, "layers.0").path)
+    handle = layer0.register_forward_hook(NaiveItemHook(bank.probes[0].weight[0], sink))
+    try:
+        dynamo.reset()
+        with torch.no_grad():
+            naive = dynamo.explain(forward)(ids, mask)
+    finally:
+        handle.remove()
+        dynamo.reset()
+    assert naive.graph_break_count > 0 and sink
+    assert any("item" in str(r.reason) for r in naive.break_reasons)
+
+
+def test_no_hook_remains_after_normal_exit_or_exception():
+    model, bank = tiny_model("llama", layers=4), make_bank()
+    before = count_hooks(model)
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad(), bank.attach(model, max_tokens=3) as run:
+        assert count_hooks(model) > before
+        stop = run.early_exit("a", 1e9)
+        generate(model, ids, mask, 3, stopping_criteria=[stop])
+    assert count_hooks(model) == before
+    with pytest.raises(RuntimeError, match="boom"), bank.attach(model, max_tokens=3):
+        raise RuntimeError("boom")
+    assert count_hooks(model) == before
+    with pytest.raises(ValueError, match="slots"), torch.no_grad(), bank.attach(
+            model, max_tokens=2):
+        generate(model, ids, mask, 4)  # the buffer is too small: error, then clean-up
+    assert count_hooks(model) == before
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(ValueError, match="d_model=16 but site 'layers.1'.* 32 wide"):
+        ProbeBank().add("p", torch.randn(16), site="layers.1").attach(model)
+    with pytest.raises(LookupError, match="unknown site 'layer.1'.*did you mean"):
+        ProbeBank().add("p", torch.randn(D), site="layer.1").attach(model)
+    with pytest.raises(ValueError, match="empty"):
+        ProbeBank().attach(model)
+    with pytest.raises(ValueError, match="already has a probe named 'p'"):
+        ProbeBank().add("p", torch.randn(D), site="layers.1").add("p", torch.randn(D),
+                                                                    site="layers.0")
+    with pytest.raises(ValueError, match=r"bias of probe 'q' must have shape \(2,\)"):
+        ProbeBank().add("q", torch.randn(2, D), torch.zeros(3), site="layers.0")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        make_bank().attach(model, positions="last")
+    with pytest.raises(ValueError, match="batch_size=2 .* has 3"), torch.no_grad(), \
+            make_bank().attach(model, batch_size=2, max_tokens=4):
+        model(input_ids=left_padded(PROMPTS)[0])
+    with pytest.raises(ValueError, match="needs max_tokens"), torch.no_grad(), \
+            make_bank().attach(model):
+        model(input_ids=left_padded(PROMPTS)[0])
+    with make_bank().attach(model, max_tokens=2, positions="prompt") as run:
+        with pytest.raises(ValueError, match="positions='generated'"):
+            run.early_exit("a", 0.0)
+        with pytest.raises(LookupError, match="pass cls="):
+            run.column("b")
+
+
+def test_trained_probe_objects_and_probe_files(tmp_path):
+    probes = pytest.importorskip("residtap.probes", reason="residtap.probes not importable")
+    model = tiny_model("llama", layers=4)
+    g = torch.Generator().manual_seed(0)
+    probe = probes.Probe("logistic", torch.randn(1, D, generator=g), torch.zeros(1),
+                         classes=["neg", "pos"], site="layers.2")
+    path = probes.save_probe(probe, tmp_path / "p.safetensors")
+    bank = ProbeBank().add_probe(probe, name="mem").add_file(path, name="file")
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad(), residtap.capture(model, ["layers.2"], positions="last") as acts, \
+            bank.attach(model, positions="prompt_last") as run:
+        model(input_ids=ids, attention_mask=mask)
+    want = probe.scores(acts["layers.2"])
+    assert torch.allclose(run.results()["mem"][:, 0, 0], want, atol=1e-5)
+    assert torch.allclose(run.results()["file"][:, 0, 0], want, atol=1e-5)
+
+
+def test_bench_probes_quick_json_in_process(capsys, tmp_path):
+    from residtap.cli import main
+
+    assert main(["bench", "probes", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["scope"] for r in result["rows"]} == {"one", "all"}
+    row = result["rows"][0]
+    for key in ("baseline_tok_s", "naive_overhead_pct", "packed_overhead_pct", "floor_pct",
+                "handler_pct", "tap_body_pct", "packed_spread_pct"):
+        assert key in row
+    assert (tmp_path / "bench_probes.json").is_file() and (tmp_path / "bench_probes.png").is_file()
+
+
+def test_early_exit_curve_plumbing_on_a_tiny_model():
+    """Tokens saved vs accuracy: full generation first, then fewer tokens as thresholds fall."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from residtap.organism.tokenizer import build_tokenizer
+    from residtap.probes.early_exit import early_exit_curve
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)).eval()
+    bank = ProbeBank().add("truth", torch.randn(D), 0.0, site="layers.1")
+    prompts = ["two plus two is four . hmm", "three plus one is nine . hmm",
+               "one plus one is two ."]
+    curve = early_exit_curve(model, tok, prompts, ["true", "false", "true"], bank, "truth",
+                             [1e9, 0.0], classes=("false", "true"), patience=1,
+                             max_new_tokens=5, batch_size=2)
+    assert [c["threshold"] for c in curve] == [None, 1e9, 0.0]
+    assert curve[0]["tokens_saved_frac"] == 0 and curve[1]["tokens"] == curve[0]["tokens"]
+    assert curve[2]["stopped_frac"] == 1.0 and curve[2]["tokens"] == 1.0  # stops at token 0
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in curve)
