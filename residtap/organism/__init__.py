@@ -1,0 +1,62 @@
+"""The bundled model organism: a small trained Llama with planted, known latent variables.
+
+    from residtap import organism
+    model, tok = organism.load()                   # offline, eval mode
+    rows = organism.read_jsonl("mood")             # [{"id", "text", "label", "split", ...}, ...]
+    organism.MOOD_WORDS["positive"]                # words that only positive texts use
+
+See residtap/organism/README.md (the model card) for the language, the data schemas and the
+measured probe accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from residtap.organism.language import MOOD_WORDS, MOODS, TOPICS, Language
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+__all__ = ["DATA_DIR", "MODEL_DIR", "MOOD_WORDS", "MOODS", "TOPICS", "Language", "load",
+           "read_jsonl", "DATASETS"]  # fmt: skip
+
+MODEL_DIR: Path = Path(__file__).parent / "model"
+DATA_DIR: Path = Path(__file__).parent / "data"
+DATASETS: tuple[str, ...] = ("mood", "topic", "truth", "early_exit", "mood_pairs", "mood_ab")
+
+
+def load(
+    dtype: torch.dtype | None = None, path: str | Path | None = None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load the shipped checkpoint (or the one at `path`) offline, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path is not None else MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"expected a checkpoint with config.json in {path}, received a folder without one; "
+            "fix: train it with `python -m residtap.organism.train --out "
+            f"{path}` or reinstall residtap"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, trust_remote_code=False
+    )
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return model.eval(), tok
+
+
+def read_jsonl(name: str) -> list[dict]:
+    """The rows of a shipped data set, e.g. `read_jsonl("mood")` reads data/mood.jsonl."""
+    stem = name.removesuffix(".jsonl")
+    path = DATA_DIR / f"{stem}.jsonl"
+    if not path.is_file():
+        raise LookupError(
+            f"unknown organism data set {name!r}; expected one of {list(DATASETS)}; "
+            "fix: pass one of those names"
+        )
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
