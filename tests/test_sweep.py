@@ -255,8 +255,11 @@ ORGANISM_L2 = [1e-2, 1e-4]  # a short grid keeps the test fast
 
 @pytest.mark.parametrize("latent", ["mood", "topic", "truth"])
 def test_sweep_finds_each_planted_latent(organism_stores, latent):
+    from residtap import organism
+
     result = sweep(organism_stores[latent], "label", l2=ORGANISM_L2, progress=False)
-    assert result.split["test_texts"] == 200  # the data set's own split column
+    n_test = sum(r["split"] == "test" for r in organism.read_jsonl(latent))
+    assert result.split["test_texts"] == n_test  # the data set's own split column
     best = result.best.test["accuracy"]
     embed = result.score("embed")
     print(f"{latent}: best {result.best_site} {best:.3f}, embed {embed:.3f}")

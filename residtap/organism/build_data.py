@@ -109,9 +109,16 @@ def build(seed: int = DATA_SEED) -> dict[str, list[dict]]:
         "early_exit": labelled("early_exit", SIZES["early_exit"], verdicts, early_row),
     }
 
+    # Pairs at both places where mood decides the next word: even pairs end at "it was" (an
+    # adjective follows), odd ones at the first noun after an opener (the verb follows). A
+    # vector from one place alone does not steer the other (measured: see the model card).
     pairs = []
     for i in range(SIZES["mood_pairs"]):
-        positive = story(mood="positive").latents["prefix"]
+        if i % 2 == 0:
+            positive = story(mood="positive").latents["prefix"]
+        else:
+            words = lang.story(mood="positive", with_opener=True).latents["prefix"].split()
+            positive = " ".join(words[: words.index("the") + 2])
         pairs.append({"id": f"mood_pairs-{i:05d}", "positive": positive,
                       "negative": swap_mood(positive)})  # fmt: skip
     data["mood_pairs"] = pairs
