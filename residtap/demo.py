@@ -39,8 +39,9 @@ class DemoInputs:
     """What the demo runs on: a model, labelled data sets, steering pairs and A/B prompts.
 
     labelled: {name: JSONL path} in the labelled-texts schema ({"text", "label", "split"}).
-    truth: the name in `labelled` whose probe drives early exit (binary); early_exit: a JSONL
-    of statements whose answer comes after filler ({"text", "answer", "filler_start"}).
+    truth: the name in `labelled` whose probe drives early exit (binary, read where the
+    answer is settled but not yet written); early_exit: a JSONL of statements whose answer
+    comes after filler ({"text", "answer", "filler_start"}).
     pairs / ab: JSONL of {"positive", "negative"} / CAA {"question", "answer_matching_behavior",
     "answer_not_matching_behavior"}; lens_prompts and steer_prompts: short prompts."""
 
@@ -55,7 +56,7 @@ class DemoInputs:
     lens_prompts: Sequence[str] = ()
     steer_prompts: Sequence[str] = ()
     classes: tuple[str, str] = ("false", "true")
-    steer_label: str = "mood"  # the labelled set whose best layer hosts the steering vector
+    steer_site: str | None = None  # default: the middle layer, where steering usually works
 
     @classmethod
     def organism(cls, path: str | Path | None = None) -> DemoInputs:
@@ -65,8 +66,8 @@ class DemoInputs:
         data = organism.DATA_DIR
         return cls(
             model=model, tokenizer=tok, name="residtap organism",
-            labelled={k: data / f"{k}.jsonl" for k in ("mood", "topic", "truth")},
-            pairs=data / "mood_pairs.jsonl", ab=data / "mood_ab.jsonl", truth="truth",
+            labelled={k: data / f"{k}.jsonl" for k in ("mood", "topic", "truth", "early_exit")},
+            pairs=data / "mood_pairs.jsonl", ab=data / "mood_ab.jsonl", truth="early_exit",
             early_exit=data / "early_exit.jsonl",
             lens_prompts=["i feel happy , and then the band"],
             steer_prompts=["the fog", "i feel sad , and then the"],
@@ -101,9 +102,9 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
         elif stage == "logit lens":
             summary["lens"], section = _lens(inputs, out)
         elif stage == "steering":
-            label = inputs.steer_label
-            best = sweeps[label].best_site if label in sweeps else None
-            summary["steering"], section = _steering(inputs, best, out, progress)
+            layers = residtap.layer_sites(inputs.model)
+            site = inputs.steer_site or layers[len(layers) // 2]
+            summary["steering"], section = _steering(inputs, site, out, progress)
         else:
             summary["cost"], section = _cost(inputs, sweeps, out)
         summary.setdefault("seconds", {})[stage] = round(time.perf_counter() - t, 2)
@@ -200,10 +201,10 @@ def _lens(inputs: DemoInputs, out: Path):
 
 
 # -- 5: steering -----------------------------------------------------------------------------
-def _steering(inputs: DemoInputs, site: str | None, out: Path, progress: bool):
+def _steering(inputs: DemoInputs, site: str, out: Path, progress: bool):
     from residtap.steering.generation import compare_generations
 
-    if inputs.pairs is None or inputs.ab is None or site is None or site == "embed":
+    if inputs.pairs is None or inputs.ab is None:
         return None, None
     pairs = read_jsonl(inputs.pairs)
     vec = residtap.SteeringVector.from_pairs(
@@ -277,8 +278,11 @@ def _cost(inputs: DemoInputs, sweeps: dict, out: Path):
     ]
     text = ("What the runtime probes cost on this model: the arithmetic floor is the probes' "
             "FLOPs against the forward's; the measured number is the time spent inside residtap's "
-            "own packed-probe taps during one generate call. bench/ and BENCHMARKS.md hold the "
-            "side-by-side comparison with naive per-probe hooks.")
+            "own packed-probe taps during one generate call. On a model this small (a few "
+            "million parameters) a forward takes milliseconds, so the fixed cost of one Python "
+            "hook call per layer is comparable to the probe arithmetic; on models of practical "
+            "size it is negligible against the forward. bench/ and BENCHMARKS.md hold the "
+            "side-by-side comparison with naive per-probe hooks on a larger model.")
     summary = {"predicted": predicted, "measured_inside_fraction": inside, "generate_s": gen_s}
     return summary, Section("Cost", text=text, table=rows, id="cost-table")
 

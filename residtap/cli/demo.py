@@ -23,8 +23,8 @@ def register(sub) -> None:
     p.add_argument("--classes", default="false,true", help="early-exit answer words: NEG,POS")
     p.add_argument("--pairs", type=Path, help="steering pairs JSONL {'positive','negative'}")
     p.add_argument("--ab", type=Path, help="A/B prompts JSONL in the CAA format")
-    p.add_argument("--steer-label", default="mood",
-                   help="NAME of the labelled set whose best layer hosts the steering vector")
+    p.add_argument("--steer-site", default=None,
+                   help="site of the steering vector (default: the middle layer)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt for lens/steering")
     p.add_argument("--max-samples", type=int, default=600, help="texts per labelled set")
     p.add_argument("--no-progress", action="store_true")
@@ -52,7 +52,7 @@ def inputs_from_args(args: argparse.Namespace):
                       pairs=args.pairs, ab=args.ab, truth=args.truth,
                       early_exit=args.early_exit, lens_prompts=args.prompt[:1],
                       steer_prompts=args.prompt, classes=(neg, pos),
-                      steer_label=args.steer_label)
+                      steer_site=args.steer_site)
 
 
 def run(args: argparse.Namespace) -> int:
