@@ -13,8 +13,11 @@ identical on every rank, so canonical sites need nothing. A column-parallel modu
 output gather (e.g. `q_proj` read through a raw module path) leaves each rank with a slice of
 the last dimension; the tap engine gathers it (`ShardedOutput`), shows taps the full tensor,
 and hands a writer's result back as this rank's slice. Writers therefore run identically on
-every rank. Stores are written by rank 0 only; the lens merges a vocabulary-sharded
-unembedding across ranks (residtap.lens).
+every rank: steering (residtap.steer) adds the same delta on each rank and probe banks read
+full sites, so both give the single-process results. Stores are written by rank 0 only. The
+logit lens decodes with each rank's vocabulary shard of `lm_head` (`vocab_shard`) and merges
+top-k, log-sum-exp, entropy, KL and ranks with small collectives, never gathering full logits
+(residtap.lens_decode). Every rank must make the same residtap calls, since they communicate.
 
 Data parallelism: `residtap.extract(..., distributed="data")` splits the data set into one
 contiguous block per rank; each rank writes its own resumable part, and rank 0 then writes a
@@ -131,6 +134,59 @@ def output_sharding(module: nn.Module) -> ShardedOutput | None:
     if local == full:
         return None
     return ShardedOutput(mesh.get_group(), mesh.size(), mesh.get_local_rank(), local, full)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows of an unembedding whose weight is sharded on dim 0 (the vocabulary)."""
+
+    group: object
+    rank: int
+    world: int
+    weight: Tensor  # (V_local, d) this rank's rows
+    bias: Tensor | None  # (V_local,) or None
+    offset: int  # global token id of local row 0
+    widths: tuple[int, ...]  # V_local of every rank, in rank order
+
+    @property
+    def width(self) -> int:
+        return self.widths[self.rank]
+
+
+def vocab_shard(module: nn.Module) -> VocabShard | None:
+    """This rank's slice of a vocabulary-sharded unembedding, or None for an ordinary weight.
+
+    The weight must be a DTensor on a 1-D mesh placed as Shard(0), as Hugging Face's
+    `colwise` / `colwise_gather_output` plans leave `lm_head`. Collective: every rank of the
+    mesh must call it (the ranks exchange their widths, so uneven shards work)."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, DTensor):
+        return None
+    if tuple(weight.placements) != (Shard(0),):
+        raise ValueError(
+            f"the unembedding weight is a DTensor placed as {tuple(weight.placements)}; the lens "
+            "supports a full weight or one sharded on the vocabulary, (Shard(dim=0),) on a 1-D "
+            "mesh; pass readout=residtap.lens.Readout(...) with such an unembedding"
+        )
+    group = weight.device_mesh.get_group()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local = weight.to_local()  # (V_local, d)
+    mine = torch.tensor([local.shape[0]], device=local.device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    widths = tuple(int(w) for w in parts)
+    offset = sum(widths[:rank])
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, DTensor) and tuple(bias.placements) == (Shard(0),):
+        bias = bias.to_local()
+    elif bias is not None:  # a full bias (plain or replicated): keep this rank's rows
+        full = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        bias = full.narrow(0, offset, widths[rank])
+    return VocabShard(group, rank, world, local, bias, offset, widths)
 
 
 def maybe_gather(sharding: ShardedOutput | None, hidden: Tensor) -> tuple[Tensor, bool]:

@@ -16,6 +16,11 @@ Positions: T = prompt length + new tokens - 1. The last generated token is never
 it has no hidden state; it is the "next token" of position T-1. With left padding, pad
 positions are in the tensors too; `attention_mask` (B, T) says which are real.
 Greedy decoding is the default (`do_sample=False`) so runs are reproducible.
+
+Tensor parallelism (under `torchrun`, Hugging Face `tp_plan="auto"`): the residual stream is
+full on every rank, so capture is unchanged; the decode uses each rank's vocabulary shard of
+`lm_head` and merges the statistics across ranks (see residtap.lens_decode). Every rank returns
+the same LensResult; run the lens on every rank, and save it from rank 0.
 """
 
 from __future__ import annotations

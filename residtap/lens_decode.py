@@ -27,6 +27,17 @@ KL = (E_pf[logits_f] - lse_f) - (E_pf[logits_s] - lse_s). Every E_p[logits] of a
 from one small (S x V) @ (V x S) GEMM. Two CPU-minded helpers keep the passes over the
 full-vocabulary rows few and cheap: `blocked_topk` (exact top-k from block maxima) and
 `count_greater` (the rank, counting comparison flags 8 at a time).
+
+Tensor parallelism: when the unembedding weight is a DTensor sharded on the vocabulary (Hugging
+Face's `tp_plan="auto"` leaves `lm_head` so), each rank decodes with its own weight shard only,
+logits (R, V_local), and full-vocabulary logits are never gathered. Per chunk only small tensors
+cross ranks: each rank's top k (global id = local id + the rank's offset), all-gathered and
+merged, whose first value is the global max m; z and the E_p[logits] GEMM (partial sums over
+each slice, one all_reduce(SUM)); the next token's logit, sent by the rank that owns it
+(all_reduce(SUM) of a value that is 0.0 elsewhere); and the per-slice counts of logits above it
+(all_reduce(SUM)). Soft-capping is elementwise, so it applies per shard. Every rank gets the
+same statistics; chunk sizes come from the widest shard so all ranks run the same collectives.
+The single-process path (`_full_vocab_sums`) does no communication.
 """
 
 from __future__ import annotations
@@ -35,8 +46,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from residtap.distributed import VocabShard, vocab_shard
 from residtap.sites import final_norm
 
 log = logging.getLogger(__name__)
@@ -110,18 +123,23 @@ class Readout:
     def vocab_size(self) -> int:
         return int(self.weight.shape[0])
 
-    def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
-        """Logits (R, V) for residual vectors `hidden` (R, d), optionally written into `out`."""
-        h = hidden.to(self.weight.dtype)
+    def logits(
+        self, hidden: Tensor, out: Tensor | None = None, *, shard: VocabShard | None = None
+    ) -> Tensor:
+        """Logits (R, V) for residual vectors `hidden` (R, d), optionally written into `out`.
+
+        With `shard` (a vocabulary-sharded unembedding), only this rank's columns: (R, V_local)."""
+        weight = self.weight if shard is None else shard.weight  # (V, d) or (V_local, d)
+        bias = getattr(self.unembed, "bias", None) if shard is None else shard.bias
+        h = hidden.to(weight.dtype)
         if self.norm is not None:
             h = self.norm(h)
         if self.project is not None:
             h = self.project(h)
-        bias = getattr(self.unembed, "bias", None)
         if bias is None:
-            logits = torch.matmul(h, self.weight.t(), out=out)  # (R, V)
+            logits = torch.matmul(h, weight.t(), out=out)  # (R, V)
         else:
-            logits = torch.addmm(bias, h, self.weight.t(), out=out)
+            logits = torch.addmm(bias, h, weight.t(), out=out)
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
@@ -263,13 +281,16 @@ def decode(
     f = final_slot % S
     device = hidden.device
     N = B * length
+    shard = vocab_shard(readout.unembed)  # None: this process holds the whole vocabulary
+    V_here = V if shard is None else shard.width  # columns of logits this process computes
+    V_chunk = V if shard is None else max(shard.widths)  # equal on every rank: same chunks
     lowp = readout.weight.dtype != torch.float32
-    P = min(N, chunk_cells(S, V, memory_budget, readout.weight.element_size()))
+    P = min(N, chunk_cells(S, V_chunk, memory_budget, readout.weight.element_size()))
     R_max = P * S
-    f32 = torch.empty(R_max, V, device=device)  # logits, float32
-    raw = torch.empty(R_max, V, device=device, dtype=readout.weight.dtype) if lowp else f32
-    exps = torch.empty(R_max, V, device=device)  # exp(logits - max), unnormalised
-    flags = torch.zeros(R_max, _padded_width(V), device=device, dtype=torch.bool)
+    f32 = torch.empty(R_max, V_here, device=device)  # logits, float32
+    raw = torch.empty(R_max, V_here, device=device, dtype=readout.weight.dtype) if lowp else f32
+    exps = torch.empty(R_max, V_here, device=device)  # exp(logits - max), unnormalised
+    flags = torch.zeros(R_max, _padded_width(V_here), device=device, dtype=torch.bool)
 
     out_ids = torch.empty(N, S, top_k, dtype=torch.long, device=device)
     out_probs = torch.empty(N, S, top_k, device=device)
@@ -284,31 +305,31 @@ def decode(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="lens decode", unit="chunk")
-    log.info("lens decode: %d rows in chunks of %d positions x %d sites", N * S, P, S)
+    log.info("lens decode: %d rows in chunks of %d positions x %d sites%s", N * S, P, S,
+             "" if shard is None else f", vocabulary split over {shard.world} ranks")
     for c0 in starts:
         c1 = min(c0 + P, N)
         p, R = c1 - c0, (c1 - c0) * S
         cells = torch.arange(c0, c1, device=device)
         x = by_cell[cells // length, cells % length].reshape(R, d)  # (R, d) gathered copy
-        logits = readout.logits(x, out=raw[:R])  # (R, V)
+        logits = readout.logits(x, out=raw[:R], shard=shard)  # (R, V_here)
         if lowp:
             logits = f32[:R].copy_(logits)
-        vals, ids = blocked_topk(logits, top_k)  # (R, k); vals[:, 0] is the row max
-        e = torch.sub(logits, vals[:, :1], out=exps[:R]).exp_()  # (R, V)
-        z = e.sum(dim=-1).view(p, S)
+        target = nxt[c0:c1]  # (p,)
+        tgt = target.clamp(min=0)[:, None].expand(p, S).reshape(R, 1)  # (R, 1) global ids
+        if shard is None:
+            sums = _full_vocab_sums(logits, top_k, tgt, S, exps[:R], flags[:R])
+        else:
+            sums = _sharded_vocab_sums(logits, top_k, tgt, S, exps[:R], flags[:R], shard)
+        vals, ids, z, dots, rank = sums
+        z, rank = z.view(p, S), rank.view(p, S)
         lse = vals[:, 0].view(p, S) + z.log()
         out_ids[c0:c1] = ids.view(p, S, top_k)
         out_probs[c0:c1] = (vals.view(p, S, top_k) - lse[..., None]).exp()
-        # dots[c, s, t] = sum_v logits_s(c)[v] * e_t(c)[v]: one small GEMM per position gives
-        # E_p_s[logits_s] (the diagonal, for entropy) and E_p_final[logits_s] (column f, for KL)
-        dots = torch.bmm(logits.view(p, S, V), e.view(p, S, V).transpose(1, 2))  # (p, S, S)
         out_ent[c0:c1] = lse - dots.diagonal(dim1=1, dim2=2) / z
         cross = dots[:, :, f] / z[:, f : f + 1]  # (p, S)
         kl = (cross[:, f : f + 1] - lse[:, f : f + 1]) - (cross - lse)
         out_kl[c0:c1] = kl.clamp_(min=0.0)
-        target = nxt[c0:c1]  # (p,)
-        tgt = target.clamp(min=0)[:, None].expand(p, S).reshape(R, 1)
-        rank = count_greater(logits, logits.gather(1, tgt), flags[:R]).view(p, S)
         out_rank[c0:c1] = torch.where(target[:, None] >= 0, rank, -1)
 
     def arrange(t: Tensor) -> Tensor:  # (N, S, ...) -> (S, B, T, ...)
@@ -317,3 +338,66 @@ def decode(
 
     return LensStats(arrange(out_ids), arrange(out_probs), arrange(out_ent), arrange(out_kl),
                      arrange(out_rank))
+
+
+# (top-k values (R, k), their token ids (R, k), z (R,), dots (p, S, S), rank (R,)): every sum
+# over the vocabulary one chunk needs; `decode` turns them into probabilities, entropy and KL.
+VocabSums = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _full_vocab_sums(logits: Tensor, k: int, tgt: Tensor, S: int, exps: Tensor,
+                     flags: Tensor) -> VocabSums:
+    """The sums for logits (R, V) over the whole vocabulary (R = p positions x S sites)."""
+    R, V = logits.shape
+    vals, ids = blocked_topk(logits, k)  # (R, k); vals[:, 0] is the row max
+    e = torch.sub(logits, vals[:, :1], out=exps).exp_()  # (R, V)
+    # dots[c, s, t] = sum_v logits_s(c)[v] * e_t(c)[v]: one small GEMM per position gives
+    # E_p_s[logits_s] (the diagonal, for entropy) and E_p_final[logits_s] (column f, for KL)
+    dots = torch.bmm(logits.view(-1, S, V), e.view(-1, S, V).transpose(1, 2))  # (p, S, S)
+    rank = count_greater(logits, logits.gather(1, tgt), flags)  # (R,)
+    return vals, ids, e.sum(dim=-1), dots, rank
+
+
+def _sharded_vocab_sums(logits: Tensor, k: int, tgt: Tensor, S: int, exps: Tensor,
+                        flags: Tensor, shard: VocabShard) -> VocabSums:
+    """The same sums when each rank holds a slice of the vocabulary: logits (R, V_local).
+
+    Only k candidates per row and the small partial sums cross ranks, never the logits."""
+    R, V_local = logits.shape
+    vals, ids = _merged_topk(logits, k, shard)  # (R, k) over the full vocabulary
+    e = torch.sub(logits, vals[:, :1], out=exps).exp_()  # (R, V_local), global max
+    dots = torch.bmm(logits.view(-1, S, V_local), e.view(-1, S, V_local).transpose(1, 2))
+    partial = torch.cat([e.sum(dim=-1), dots.flatten()])  # (R + p*S*S,)
+    dist.all_reduce(partial, group=shard.group)
+    z, dots = partial[:R], partial[R:].view(dots.shape)
+    rank = count_greater(logits, _owner_logit(logits, tgt, shard), flags)  # (R,) this slice
+    dist.all_reduce(rank, group=shard.group)
+    return vals, ids, z, dots, rank
+
+
+def _merged_topk(logits: Tensor, k: int, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """Full-vocabulary top-k of sharded logits (R, V_local): each rank's own top k (padded with
+    -inf where its slice is narrower), all-gathered and merged. Global id = local id + offset."""
+    R, V_local = logits.shape
+    k_here = min(k, V_local)
+    vals, ids = blocked_topk(logits, k_here)  # (R, k_here)
+    if k_here < k:
+        vals = torch.cat([vals, vals.new_full((R, k - k_here), -torch.inf)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(R, k - k_here)], dim=1)
+    ids = ids + shard.offset
+    all_vals = [torch.empty_like(vals) for _ in range(shard.world)]
+    all_ids = [torch.empty_like(ids) for _ in range(shard.world)]
+    dist.all_gather(all_vals, vals.contiguous(), group=shard.group)
+    dist.all_gather(all_ids, ids.contiguous(), group=shard.group)
+    top, where = torch.cat(all_vals, dim=1).topk(k, dim=-1)  # (R, k) of world * k candidates
+    return top, torch.cat(all_ids, dim=1).gather(1, where)
+
+
+def _owner_logit(logits: Tensor, tgt: Tensor, shard: VocabShard) -> Tensor:
+    """logits[r, tgt[r]] (R, 1) on every rank, for global ids `tgt` (R, 1): the rank that owns
+    the id contributes its value and the others 0.0, summed (x + 0.0 is exact)."""
+    local = tgt - shard.offset
+    mine = (local >= 0) & (local < logits.shape[1])
+    value = torch.where(mine, logits.gather(1, local.clamp(0, logits.shape[1] - 1)), 0.0)
+    dist.all_reduce(value, group=shard.group)
+    return value

@@ -19,7 +19,12 @@ pytest.importorskip("accelerate", reason="Hugging Face tensor parallelism needs 
                     "(installed by the dev extra)")
 WORKER = Path(__file__).with_name("_dist_worker.py")
 sys.path.insert(0, str(WORKER.parent))
-from _dist_worker import CAPTURE_SITES, IDS  # noqa: E402
+from _dist_worker import (  # noqa: E402
+    CAPTURE_SITES,
+    IDS,
+    generation_features,
+    uneven_readout_decode,
+)
 
 
 def torchrun(mode: str, model_dir: Path, out: Path, timeout: int = 240, **env):
@@ -37,32 +42,63 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tp_run(model_dir, tmp_path_factory):
+    """One `tp` launch shared by the tensor-parallel tests: the folder with rank-R.pt."""
+    out = tmp_path_factory.mktemp("tp_run")
+    proc = torchrun("tp", model_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def single_process_model(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
-def test_tensor_parallel_capture_and_store_equal_single_process(model_dir, tmp_path):
-    proc = torchrun("tp", model_dir, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_tensor_parallel_capture_and_store_equal_single_process(model_dir, tp_run, tmp_path):
     model = single_process_model(model_dir)
     ids = torch.tensor([[5, 9, 13, 22, 40, 7], [8, 31, 4, 3, 2, 1]])
     with torch.no_grad(), residtap.capture(model, CAPTURE_SITES) as ref:
         model(input_ids=ids)
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank-{rank}.pt")
+        got = torch.load(tp_run / f"rank-{rank}.pt")
         assert got["world"] == 2 and got["local_q"][0] == 16  # q_proj really is sharded
         for site in CAPTURE_SITES:  # full tensors on every rank, gathered where sharded
             assert got["acts"][site].shape == ref[site].shape, site
             assert torch.allclose(got["acts"][site], ref[site], atol=1e-5), site
-    store = Store.open(tmp_path / "tp-store")
+    store = Store.open(tp_run / "tp-store")
     single = residtap.extract(model, None, IDS, ["layers.0", "layers.2"], tmp_path / "single",
                               positions="all", batch_size=3, shard_rows=10, progress=False)
     assert store.complete and len(store) == len(single)
     for site in ("layers.0", "layers.2"):
         assert torch.allclose(store[site], single[site], atol=1e-5)
-    assert not list((tmp_path / "tp-store").glob("part-*"))  # one writer, no parts
+    assert not list((tp_run / "tp-store").glob("part-*"))  # one writer, no parts
+
+
+def assert_lens_stats_equal(got: dict, ref: dict, prefix: str = "") -> None:
+    """Top-k ids identical, probabilities within 1e-5, entropy/KL within 1e-5, ranks equal."""
+    assert torch.equal(got[f"{prefix}topk_ids"], ref[f"{prefix}topk_ids"])
+    for key in ("topk_probs", "entropy", "kl"):
+        assert torch.allclose(got[prefix + key], ref[prefix + key], atol=1e-5, rtol=0), key
+    assert torch.equal(got[f"{prefix}actual_rank"], ref[f"{prefix}actual_rank"])
+
+
+def test_tensor_parallel_lens_bank_and_steering_equal_single_process(model_dir, tp_run):
+    ref = generation_features(single_process_model(model_dir))
+    uneven = uneven_readout_decode(sharded=False)
+    steered, plain = ref["steered"], ref["lens.sequences"]
+    assert not torch.equal(steered[0], plain[0]) and not torch.equal(steered[1], plain[1])
+    for rank in (0, 1):
+        got = torch.load(tp_run / f"rank-{rank}.pt")
+        assert got["local_lm_head"] == (48, 32)  # lm_head really is split on the vocabulary
+        gen = got["generation"]
+        assert torch.equal(gen["lens.sequences"], ref["lens.sequences"])
+        assert_lens_stats_equal(gen, ref, prefix="lens.")
+        assert torch.allclose(gen["bank.scores"], ref["bank.scores"], atol=1e-5, rtol=0)
+        assert torch.equal(gen["steered"], steered)  # same steered greedy tokens
+        assert_lens_stats_equal(got["uneven"], uneven)  # 47 + 46 columns, top_k=50
 
 
 def test_data_parallel_store_survives_a_killed_rank(model_dir, tmp_path):
