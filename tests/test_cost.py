@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -254,3 +255,22 @@ def test_unsupported_architecture_and_hardware() -> None:
         estimate_cost("GPT-2", n_probes=1, sites="one", positions="last", hardware="tpu")
     with pytest.raises(TypeError, match="expected a config"):
         model_shape(42)  # type: ignore[arg-type]
+
+
+def test_cli_measure_puts_measured_numbers_beside_the_predicted(capsys) -> None:
+    code = main(["cost", "organism", "--probes", "10", "--sites", "all", "--measure", "--json",
+                 "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    measured = out["measured"]
+    for key in ("baseline_s", "packed_s", "packed_overhead", "handler_fraction",
+                "generate_baseline_s", "generate_packed_s"):
+        assert math.isfinite(measured[key]), (key, measured)
+    assert measured["baseline_s"] > 0 and measured["packed_s"] > 0
+    assert 0 <= measured["handler_fraction"] < 1
+    assert out["packed_s"] > 0 and out["hardware"] == "cpu" and out["dtype_bytes"] == 4
+    assert main(["cost", "organism", "--probes", "10", "--sites", "all", "--measure",
+                 "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"]) == 0
+    assert "measured on this machine" in capsys.readouterr().out
+    assert main(["cost", "GPT-2", "--measure"]) == 2
+    assert "is a preset" in capsys.readouterr().err

@@ -3,11 +3,14 @@
     residtap cost Llama-3.1-8B --probes 1000 --sites all --positions generated
     residtap cost path/to/model --probes 8 --sites one --positions last --batch 32 --json
     residtap cost --list-presets
+    residtap cost organism --probes 100 --sites all --measure   # also time it on the model
 
 Prints the arithmetic, bytes and serving-latency overhead of the probes against the forward
 pass they ride on, for a naive readout (a hook and a host sync per probe) and a packed one (one
 matmul per site, scores kept on the device), and a verdict. Predictions, not measurements; the
-model behind them is in residtap/cost.py.
+model behind them is in residtap/cost.py. `--measure` (a local model folder or 'organism')
+also times greedy generate with and without a packed bank of random probes on this machine and
+prints the measured numbers beside the predicted ones (per forward: generate time / new tokens).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from residtap.cli.common import add_json_flag, emit_json, format_table
+from residtap.cli.common import add_json_flag, emit_json, format_table, load_model
 from residtap.cost import (
     HARDWARE,
     POSITIONS,
@@ -47,14 +50,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
-    p.add_argument("--dtype-bytes", type=float, default=2,
-                   help="bytes per weight and score: 2 for bf16/fp16, 4 for fp32 (default 2)")
-    p.add_argument("--hardware", choices=list(HARDWARE), default="h100",
-                   help="latency assumptions to use (default h100)")
+    p.add_argument("--dtype-bytes", type=float, default=None,
+                   help="bytes per weight and score: 2 for bf16/fp16, 4 for fp32 (default 2; "
+                        "with --measure, the loaded model's)")  # fmt: skip
+    p.add_argument("--hardware", choices=list(HARDWARE), default=None,
+                   help="latency assumptions to use (default h100; with --measure, the "
+                        "measuring device's: cpu on a CPU)")  # fmt: skip
     p.add_argument("--assume", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one hardware assumption, e.g. sync_s=3e-5 (repeatable)")
     p.add_argument("--no-attention-flops", action="store_true",
                    help="leave the attention-score FLOPs (QK^T, AV) out of the model's FLOPs")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure: time generate with and without a bank of random probes "
+                        "of this scope on the model (a local folder or 'organism')")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="with --measure: paired timing repeats, medians reported (default 3)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -68,19 +78,73 @@ def run(args: argparse.Namespace) -> int:
             "see `residtap cost --list-presets`"
         )
     sites: str | int = int(args.sites) if args.sites.strip().isdigit() else args.sites
-    dtype_bytes = float(args.dtype_bytes)
+    model = _measurable_model(args) if args.measure else None
+    hardware, dtype_bytes = args.hardware or "h100", args.dtype_bytes or 2
+    if model is not None:
+        param = next(model.parameters())
+        hardware = args.hardware or ("cpu" if param.device.type == "cpu" else "h100")
+        dtype_bytes = args.dtype_bytes or param.element_size()
+    dtype_bytes = float(dtype_bytes)
     dtype_bytes = int(dtype_bytes) if dtype_bytes.is_integer() else dtype_bytes
     report = estimate_cost(
         args.model, n_probes=args.probes, sites=sites, positions=args.positions,
         batch_size=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         dtype_bytes=dtype_bytes, attention_flops=not args.no_attention_flops,
-        hardware=_hardware(args.hardware, args.assume),
+        hardware=_hardware(hardware, args.assume),
     )  # fmt: skip
+    if model is not None:
+        report.measured = measure(model, args.probes, report.n_sites, args.batch,
+                                  args.prompt_len, args.new_tokens, args.repeats)
     if args.json:
         emit_json(report.to_dict())
     else:
         print(render(report))
     return 0
+
+
+def _measurable_model(args: argparse.Namespace):
+    """The model to time for --measure: a local folder or 'organism', checked first."""
+    if args.positions != "generated":
+        raise ValueError(
+            f"--measure times probes read at every generated token; got --positions "
+            f"{args.positions}; drop --measure or use --positions generated"
+        )
+    if args.repeats < 1:
+        raise ValueError(f"expected --repeats >= 1, got {args.repeats}")
+    if args.model in PRESETS or args.model.lower() in {k.lower() for k in PRESETS}:
+        raise ValueError(
+            f"--measure needs weights to run, but {args.model!r} is a preset (a config only); "
+            "pass a local model folder or 'organism', or drop --measure"
+        )
+    model, _ = load_model(args.model)
+    return model
+
+
+def measure(model: Any, n_probes: int, n_sites: int, batch_size: int, prompt_len: int,
+            new_tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Measured cost of `n_probes` random probes at `n_sites` sites during greedy generate,
+    under CostReport's keys (seconds per forward = generate seconds / new tokens)."""
+    from residtap.cli.bench import measure_overhead, random_bank
+    from residtap.sites import layer_sites
+
+    n_layers = len(layer_sites(model))
+    if n_sites not in (1, n_layers):
+        raise ValueError(
+            f"--measure places probes at one middle layer or at all {n_layers} layers; got "
+            f"{n_sites} sites; use --sites one or --sites all"
+        )
+    scope = "one" if n_sites == 1 else "all"
+    m = measure_overhead(model, random_bank(model, n_probes, scope), batch_size=batch_size,
+                         new_tokens=new_tokens, prompt_len=prompt_len, repeats=repeats)
+    return {
+        "baseline_s": m["baseline_s"] / new_tokens,
+        "packed_s": m["packed_s"] / new_tokens,
+        "packed_overhead": m["overhead_pct"] / 100,
+        "handler_fraction": m["handler_pct"] / 100,  # time inside residtap's hooks / generate
+        "generate_baseline_s": m["baseline_s"],
+        "generate_packed_s": m["packed_s"],
+        "repeats": repeats,
+    }
 
 
 def render(r: CostReport) -> str:
@@ -99,6 +163,17 @@ def render(r: CostReport) -> str:
              "+" + percent(r.naive_overhead)),
     ]  # fmt: skip
     causes = sorted(r.naive_breakdown_s.items(), key=lambda kv: -kv[1])
+    measured = []
+    if r.measured:
+        m = r.measured
+        measured = [
+            f"measured on this machine (generate, median of {m['repeats']:.0f} paired runs): "
+            f"{_seconds(m['baseline_s'])} per forward, packed "
+            f"{_signed_seconds(m['packed_s'] - m['baseline_s'])} "
+            f"({'+' if m['packed_overhead'] >= 0 else ''}{percent(m['packed_overhead'])}; "
+            f"predicted +{percent(r.packed_overhead)}); inside residtap's hooks "
+            f"{percent(m['handler_fraction'])} of generate",
+        ]
     return "\n".join([
         f"{r.model} ({r.model_type}): {r.n_params / 1e9:.3g} B parameters, d_model {r.d_model}, "
         f"{r.n_layers} layers, {tied} embeddings",
@@ -112,6 +187,7 @@ def render(r: CostReport) -> str:
         "naive adds: " + ", ".join(f"{k} {_seconds(v)}" for k, v in causes),
         "verdict: " + r.verdict,
         "(predicted from a roofline and host-cost assumptions; see --json 'assumptions')",
+        *measured,
     ])  # fmt: skip
 
 
@@ -166,6 +242,10 @@ def _si(value: float, unit: str) -> str:
         if abs(value) >= factor:
             return f"{value / factor:.4g} {prefix}{unit}"
     return f"{value:.4g} {unit}"
+
+
+def _signed_seconds(value: float) -> str:
+    return ("+" if value >= 0 else "-") + _seconds(abs(value))
 
 
 def _seconds(value: float) -> str:
