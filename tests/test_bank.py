@@ -220,6 +220,42 @@ def test_compiles_with_zero_graph_breaks_and_matches_eager_while_naive_hooks_bre
     assert any("item" in str(r.reason) for r in naive.break_reasons)
 
 
+def test_compiled_generate_builds_no_more_graphs_than_without_the_bank():
+    """The readout writes at a device slot index, so a compiled `model.forward` does not
+    specialise on the decode step: one graph per baseline graph, tokens and scores as eager."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    ids, mask = left_padded(PROMPTS)
+    n = 6  # the old readout compiled one graph per decode step: 6 instead of 3
+
+    def run_generate(compiled: bool, bank: ProbeBank | None):
+        model, counter = tiny_model("llama", layers=4), CompileCounter()
+        dynamo.reset()
+        if compiled:  # CompileCounter: counts graphs, runs them eagerly (no C++ build)
+            model.forward = torch.compile(model.forward, backend=counter)
+        try:
+            with torch.no_grad():
+                if bank is None:
+                    return generate(model, ids, mask, n), None, counter.frame_count
+                with bank.attach(model, batch_size=3, max_tokens=n,
+                                 aggregate=("max", "mean", "ema")) as run:
+                    out = generate(model, ids, mask, n)
+                return out, run.results(), counter.frame_count
+        finally:
+            dynamo.reset()
+
+    _, _, baseline_graphs = run_generate(True, None)
+    eager_out, eager, _ = run_generate(False, make_bank())
+    out, got, graphs = run_generate(True, make_bank())
+    assert baseline_graphs >= 2 and graphs <= baseline_graphs, (graphs, baseline_graphs)
+    assert torch.equal(out, eager_out)
+    assert torch.equal(got.valid, eager.valid) and got.scores.shape == (3, n, 7)
+    assert torch.allclose(got.scores, eager.scores, atol=1e-5)
+    for name, agg in eager.aggregates.items():
+        assert torch.allclose(got.aggregates[name], agg, atol=1e-5), name
+
+
 def test_no_hook_remains_after_normal_exit_or_exception():
     model, bank = tiny_model("llama", layers=4), make_bank()
     before = count_hooks(model)

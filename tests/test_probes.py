@@ -319,6 +319,32 @@ def test_attention_probe_ignores_padding_and_accepts_lists(attention_probe_and_d
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
 
 
+def test_attention_probe_defaults_read_the_organism_topic(tmp_path):
+    """Default arguments (no lr/epochs/batch tuning) read the organism's topic, spread over the
+    text, from every token's activations at a middle and the last layer."""
+    from residtap import organism
+    from residtap.probes.sweep import store_sequences
+
+    if not (organism.MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"the organism checkpoint is absent ({organism.MODEL_DIR}/config.json); "
+                    "train it with scripts/train_organism.sh")
+    model, tok = organism.load()
+    sites = ["layers.2", "layers.5"]
+    store = residtap.extract(model, tok, organism.DATA_DIR / "topic.jsonl", sites,
+                             tmp_path / "topic", positions="all", progress=False, batch_size=100)
+    records = {r["sample"]: r for r in store.samples}
+    for site in sites:
+        x, mask, samples = store_sequences(store, site)  # (S, T, d), (S, T), (S,)
+        labels = [records[int(s)]["label"] for s in samples]
+        train = torch.tensor([records[int(s)]["split"] == "train" for s in samples])
+        y_train = [v for v, t in zip(labels, train.tolist(), strict=True) if t]
+        y_test = [v for v, t in zip(labels, train.tolist(), strict=True) if not t]
+        probe = train_attention_probe(x[train], y_train, mask=mask[train],
+                                      groups=samples[train].tolist(), progress=False)
+        acc = evaluate(probe, x[~train], y_test, mask=mask[~train])["accuracy"]
+        assert acc >= 0.95, (site, acc)
+
+
 # ---------------------------------------------------------------------------------------------
 # probe files
 
