@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
 from residtap.store.data import Sample
-from residtap.store.manifest import atomic_write_bytes, fsync_dir, shard_names, write_manifest
+from residtap.store.manifest import atomic_write, atomic_write_bytes, shard_names, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +68,15 @@ def write_safetensors(path: Path, tensors: dict[str, list[Tensor]], metadata: di
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for parts in tensors.values():
-                for part in parts:
-                    if part.numel():
-                        f.write(part.contiguous().reshape(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for parts in tensors.values():
+            for part in parts:
+                if part.numel():
+                    f.write(part.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    atomic_write(path, write)
     return 8 + len(raw) + offset
 
 
