@@ -290,3 +290,29 @@ def test_attention_probe_reads_topic_spread_over_the_text(organism_stores):
               f"{linear.score(site):.3f}")
         assert acc >= linear.score(site) - 0.02  # matches: within 4 of 200 test texts
     assert linear.score("embed") <= 0.35  # chance is 0.25
+
+
+@pytest.mark.parametrize("latent", ["mood", "topic", "truth"])
+def test_organism_probe_accuracy_matches_sklearn(organism_stores, latent):
+    """Same rows, same split, matched regularisation: sklearn's C = 1 / (l2 * n_train) on
+    standardised features equals our l2 on the mean loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from residtap.probes import evaluate, train_probe
+
+    store, site, l2 = organism_stores[latent], "layers.1", 1e-2
+    x = store[site].float()
+    labels, split = store.labels("label"), store.metadata("split")
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    train = torch.tensor([s == "train" for s in split])
+    kind = "logistic" if len(classes) == 2 else "multinomial"
+    probe = train_probe(x[train], y[train], kind=kind, l2=l2)
+    ours = evaluate(probe, x[~train], y[~train])["accuracy"]
+    scaler = StandardScaler().fit(x[train].numpy())
+    clf = LogisticRegression(C=1 / (l2 * int(train.sum())), max_iter=10_000)
+    clf.fit(scaler.transform(x[train].numpy()), y[train].numpy())
+    ref = clf.score(scaler.transform(x[~train].numpy()), y[~train].numpy())
+    print(f"{latent} at {site}: residtap {ours:.3f}, sklearn {ref:.3f}")
+    assert abs(ours - ref) <= 0.01
