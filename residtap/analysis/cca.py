@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from residtap.analysis.cka import ArrayLike, as_rows
+
 log = logging.getLogger(__name__)
 
-ArrayLike = Tensor | np.ndarray
 
 
 def canonical_correlations(x: ArrayLike, y: ArrayLike) -> Tensor:
@@ -111,11 +111,5 @@ def _basis(xc: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _centred(a: ArrayLike, name: str) -> Tensor:
-    t = torch.as_tensor(a) if isinstance(a, np.ndarray) else a
-    if not isinstance(t, Tensor) or t.ndim != 2:
-        raise ValueError(
-            f"expected {name} as a 2-D tensor or array (rows, features), got "
-            f"{type(a).__name__} {tuple(getattr(a, 'shape', ()))}; flatten tokens into rows first"
-        )
-    t = t.detach().to(torch.float64)
+    t = as_rows(a, name).detach().to(torch.float64)
     return t - t.mean(0)

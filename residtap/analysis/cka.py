@@ -49,8 +49,8 @@ class LinearCKA:
 
     def update(self, x: ArrayLike, y: ArrayLike) -> None:
         """Add rows x (B, d_x) and y (B, d_y); row i of x and of y describe the same input."""
-        x = _as64(_rows(x, "x"))
-        y = _as64(_rows(y, "y")).to(x.device)
+        x = _as64(as_rows(x, "x"))
+        y = _as64(as_rows(y, "y")).to(x.device)
         if x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"x has {x.shape[0]} rows but y has {y.shape[0]}; the two sources must give the "
@@ -140,7 +140,7 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
     Uses the N x N Gram matrices when N is smaller than the widths, feature-space sums otherwise
     (same value either way).
     """
-    x, y = _as64(_rows(x, "x")), _as64(_rows(y, "y"))
+    x, y = _as64(as_rows(x, "x")), _as64(as_rows(y, "y"))
     if x.shape[0] >= max(x.shape[1], y.shape[1]):
         acc = LinearCKA()
         acc.update(x, y.to(x.device))
@@ -181,7 +181,8 @@ def _ratio(xy: float, xx: float, yy: float) -> float:
     return xy / math.sqrt(xx * yy)
 
 
-def _rows(a: ArrayLike, name: str) -> Tensor:
+def as_rows(a: ArrayLike, name: str) -> Tensor:
+    """`a` as a 2-D (rows, features) tensor; ValueError naming `name` otherwise."""
     t = torch.as_tensor(a) if isinstance(a, np.ndarray) else a
     if not isinstance(t, Tensor) or t.ndim != 2:
         raise ValueError(
