@@ -10,29 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, batch_ids, tiny_model
+from conftest import VOCAB, batch_ids, tiny_model, word_tokenizer
 
 import residtap
 from residtap.engine import count_hooks
 from residtap.lens import JSON_FORMAT, LogitLens, run_lens
 from residtap.lens_decode import Readout, decode, readout_of
 from residtap.sites import final_norm, num_layers
-
-WORDS = [f"w{i}" for i in range(4, VOCAB)]  # ids 4.. ; 0 pad, 1 bos, 2 eos, 3 unk
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                        special_tokens=[("<bos>", 1)])
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:

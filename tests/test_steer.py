@@ -9,9 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from conftest import VOCAB, tiny_model, word_tokenizer
 
 import residtap
 from residtap.cli import main
@@ -20,18 +18,6 @@ from residtap.steering import SteeringVector, compare_generations, steer, steera
 from residtap.steering.vector import _pca_direction
 
 ORGANISM_MODEL = Path(residtap.__file__).parent / "organism" / "model" / "config.json"
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny models' vocabulary: 'w4' ... 'w95', BOS added."""
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(4, VOCAB)]]
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                        special_tokens=[("<bos>", 1)])
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
 
 
 TOK = word_tokenizer()
