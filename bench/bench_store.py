@@ -69,13 +69,21 @@ def hookless(model, data, batch_size: int) -> None:
 
 def capture(model, data, batch_size: int, out: Path, positions: str,
             shard_rows: int | None = None) -> Store:
-    shutil.rmtree(out, ignore_errors=True)
+    """extract() into a fresh `out`; call `clear(out)` first (outside any timed region)."""
     sites = [f"layers.{i}" for i in range(8)]
     return extract_mod.extract(model, None, data, sites, out, positions=positions,
                                batch_size=batch_size, shard_rows=shard_rows, progress=False)
 
 
-def timed(fn) -> float:
+def clear(out: Path) -> None:
+    """Delete an earlier run's store. Untimed: unlinking 64 MiB of freshly written shards takes
+    about 0.1 s, which a hookless forward never pays."""
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def timed(fn, before=None) -> float:
+    if before is not None:
+        before()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -89,16 +97,18 @@ def summary(values: list[float]) -> dict[str, float]:
 def bench_ratio(model, data, args, work: Path) -> dict:
     hookless(model, data[: args.batch_size], args.batch_size)  # warm-up
     variants = {
-        "hookless": lambda: hookless(model, data, args.batch_size),
-        "all": lambda: capture(model, data, args.batch_size, work / "all", "all"),
-        "last": lambda: capture(model, data, args.batch_size, work / "last", "last"),
+        "hookless": (lambda: hookless(model, data, args.batch_size), None),
+        "all": (lambda: capture(model, data, args.batch_size, work / "all", "all"),
+                lambda: clear(work / "all")),
+        "last": (lambda: capture(model, data, args.batch_size, work / "last", "last"),
+                 lambda: clear(work / "last")),
     }
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.repeats):
         order = names[r % 3:] + names[:r % 3]  # rotate so no variant always runs first
         for name in order:
-            times[name].append(timed(variants[name]))
+            times[name].append(timed(*variants[name]))
     ratios = {v: [a / b for a, b in zip(times[v], times["hookless"], strict=True)]
               for v in ("all", "last")}
     return {"seconds": {n: summary(t) for n, t in times.items()},
@@ -122,7 +132,8 @@ def bench_taps(model, data, args, work: Path) -> dict:
 
     extract_mod._StoreTap.__call__, writer_mod.ShardWriter._put = timed_call, timed_put
     try:
-        total = timed(lambda: capture(model, data, args.batch_size, work / "taps", "all"))
+        total = timed(lambda: capture(model, data, args.batch_size, work / "taps", "all"),
+                      lambda: clear(work / "taps"))
     finally:
         extract_mod._StoreTap.__call__, writer_mod.ShardWriter._put = call, put
     return {"forwards": forwards, "tap_ms_per_forward": 1e3 * tap_s[0] / forwards,
@@ -136,6 +147,7 @@ def rss_child(args) -> None:
     model = build_model()
     data = make_data(args.rss_child, args.seq)
     out = Path(args.workdir) / f"rss-{args.rss_child}"
+    clear(out)
     store = capture(model, data, args.batch_size, out, "all", shard_rows=args.shard_rows)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     nbytes = sum(p.stat().st_size for p in out.iterdir())

@@ -264,25 +264,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_write_failure_is_clear_and_leaves_complete_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["mid-shard", "at-fsync"])
+def test_write_failure_is_clear_and_leaves_complete_shards(tmp_path, monkeypatch, when):
+    """Disk full while shard 2 streams in (or when it is fsynced): a clear error, shards 0-1
+    and the manifest readable, no temporary file left, and the same call resumes."""
     model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(12)
-    real = writer_mod.write_safetensors
-    calls = []
+    stream = writer_mod.SafetensorsStream
+    real = stream.write if when == "mid-shard" else stream.close
 
-    def failing(path, tensors, metadata):
-        calls.append(path)
-        if len(calls) == 3:
+    def failing(self, *args):
+        if self.path.name == "shard-00002.safetensors":
             raise OSError(28, "No space left on device")
-        return real(path, tensors, metadata)
+        return real(self, *args)
 
-    monkeypatch.setattr(writer_mod, "write_safetensors", failing)
+    monkeypatch.setattr(stream, "write" if when == "mid-shard" else "close", failing)
     out = tmp_path / "s"
     with pytest.raises(StoreWriteError, match="shard 2 .*No space left.*resume"):
         extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=5, progress=False)
     assert not any(t.name == "residtap-store-writer" for t in threading.enumerate())
     partial = Store.open(out)
     assert len(partial.manifest["shards"]) == 2 and partial["layers.0"].shape[0] == len(partial)
-    monkeypatch.setattr(writer_mod, "write_safetensors", real)
+    assert not list(out.glob("*.tmp")) and not (out / "shard-00002.safetensors").exists()
+    monkeypatch.undo()
     resumed = extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=5, progress=False)
     full = extract(model, tok, rows, SITES, tmp_path / "full", batch_size=2, shard_rows=5,
                    progress=False)

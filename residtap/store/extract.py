@@ -267,44 +267,41 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path |
                disable=not progress, dynamic_ncols=True)
     was_training = model.training
     model.eval()
-    shard_rows_so_far, tokens, t0 = 0, 0, time.perf_counter()
+    tokens, t0 = 0, time.perf_counter()
     writer.start()
     try:
         with torch.inference_mode(), tap(model, taps, stop_early=True, arch=arch):
-            for lo in range(start, len(samples), batch_size):
-                batch = samples[lo:lo + batch_size]
-                ids, mask = _encode(batch, tokenizer, pad_id, side, max_length)  # (B, T)
-                index, sample, position = _rows(mask, policy, batch[0].index)
-                index = index.to(device)
-                keep_all = policy == "all" and index.shape[0] == mask.numel()
-                for t in taps.values():
-                    t.index, t.keep_all, t.rows = index, keep_all, None
-                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                if "position_ids" in accepted:
-                    inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
-                if "use_cache" in accepted:
-                    inputs["use_cache"] = False
-                try:
-                    model(**inputs)
-                except StopForward:
-                    pass
-                if non_blocking:
-                    torch.cuda.current_stream(device).synchronize()
-                missing = [name for name, t in taps.items() if t.rows is None]
-                if missing:
-                    raise LookupError(f"site(s) {missing} never fired during the forward; "
-                                      "choose modules the model calls")
-                writer.put_batch({n: t.rows for n, t in taps.items()}, sample, position, batch)
-                shard_rows_so_far += int(sample.shape[0])
-                if shard_rows_so_far >= shard_rows:
-                    writer.end_shard()
-                    shard_rows_so_far = 0
-                tokens += int(mask.sum())
-                bar.update(len(batch))
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s, {writer.bytes_written / 2**20:,.1f} "
-                                    "MiB written", refresh=False)
-        writer.end_shard()
+            for shard, shard_rows_planned in _shards(samples, start, batch_size, shard_rows,
+                                                     policy, tokenizer, pad_id, side, max_length):
+                writer.begin_shard(shard_rows_planned)
+                for batch, ids, mask, index, sample, position in shard:
+                    index = index.to(device)
+                    keep_all = policy == "all" and index.shape[0] == mask.numel()
+                    for t in taps.values():
+                        t.index, t.keep_all, t.rows = index, keep_all, None
+                    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                    if "position_ids" in accepted:
+                        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
+                    if "use_cache" in accepted:
+                        inputs["use_cache"] = False
+                    try:
+                        model(**inputs)
+                    except StopForward:
+                        pass
+                    if non_blocking:
+                        torch.cuda.current_stream(device).synchronize()
+                    missing = [name for name, t in taps.items() if t.rows is None]
+                    if missing:
+                        raise LookupError(f"site(s) {missing} never fired during the forward; "
+                                          "choose modules the model calls")
+                    writer.put_batch({n: t.rows for n, t in taps.items()}, sample, position,
+                                     batch)
+                    tokens += int(mask.sum())
+                    bar.update(len(batch))
+                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s, {writer.bytes_written / 2**20:,.1f}"
+                                        " MiB written", refresh=False)
+                writer.end_shard()
         writer.close()
         writer.finish_manifest(complete=True)
     except BaseException:
@@ -320,12 +317,32 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path |
                  len(manifest["shards"]))
 
 
+def _shards(samples: list[Sample], start: int, batch_size: int, shard_rows: int, policy,
+            tokenizer, pad_id: int, side: str, max_length: int | None):
+    """The batches from sample `start` on, encoded and grouped into shards, each with its
+    rows: a shard closes after the first batch that brings it to `shard_rows` rows. A shard's
+    batches are encoded before its first forward, so the writer knows the shard's size."""
+    shard, rows = [], 0
+    for lo in range(start, len(samples), batch_size):
+        batch = samples[lo:lo + batch_size]
+        ids, mask = _encode(batch, tokenizer, pad_id, side, max_length)  # (B, T)
+        index, sample, position = _rows(mask, policy, batch[0].index)
+        shard.append((batch, ids, mask, index, sample, position))
+        rows += int(sample.shape[0])
+        if rows >= shard_rows:
+            yield shard, rows
+            shard, rows = [], 0
+    if shard:
+        yield shard, rows
+
+
 class _NoWriter:
     """Stands in for ShardWriter on tensor-parallel ranks that run forwards but write nothing."""
 
     bytes_written = 0
 
     def start(self) -> None: ...
+    def begin_shard(self, rows: int) -> None: ...
     def put_batch(self, *args: Any) -> None: ...
     def end_shard(self) -> None: ...
     def close(self) -> None: ...
