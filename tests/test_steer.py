@@ -269,7 +269,7 @@ def test_prompt_only_policy_steers_the_prefill_only(llama):
 def test_steerability_batched_equals_sequential_and_slopes(llama):
     vec = random_vector(llama, "layers.2", 5, norm=3.0)
     strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
-    res = steerability(llama, TOK, AB_ROWS, vec, strengths, batch_size=16)
+    res = steerability(llama, TOK, AB_ROWS, vec, strengths, positions="all", batch_size=16)
     assert res.n_forwards == -(-len(AB_ROWS) * len(strengths) * 2 // 16)
     assert res.propensity.shape == (len(AB_ROWS), len(strengths))
     # one example, one strength at a time, unbatched: the oracle

@@ -47,7 +47,9 @@ def register(subparsers) -> None:
                          "answer_not_matching_behavior}")
     ev.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="strengths to sweep (default -1.5 -1 -0.5 0 0.5 1 1.5)")
-    ev.add_argument("--positions", default="all", help=POSITIONS_HELP)
+    ev.add_argument("--positions", default="-1",
+                    help=POSITIONS_HELP + " (default -1: the answer position, as CAA "
+                         "evaluates A/B items; shares each prompt's prefix across strengths)")
     ev.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random baseline direction")
     ev.add_argument("--no-baseline", action="store_true", help="skip the random baseline")

@@ -17,9 +17,13 @@ passes. The steerability of an example is the least-squares slope of its propens
 strength; the summary reports the mean, spread, and the fraction with a negative slope (steered
 the wrong way). Slopes are per unit of strength: they scale with the vector's norm (reported).
 
-With positions=-k (steer the last k prompt tokens; -1 is CAA's "from the answer position"), the
-rest of each prompt is the same for every strength: it runs once per example, its KV cache is
-repeated for the example's rows, and only the last k tokens run per row.
+Positions default to -1, CAA's convention for A/B items: the vector is added "at all token
+positions after the user's prompt", which for a next-token propensity is the answer position
+(the prompt's last token). With positions=-k (steer the last k prompt tokens) the rest of each
+prompt is the same for every strength: it runs once per example, its KV cache is repeated for
+the example's rows, and only the last k tokens run per row. positions="all" (steer the whole
+prompt, as steering-vectors does by default) makes every row differ from the first token, so
+each row runs its whole prompt.
 """
 
 from __future__ import annotations
@@ -175,7 +179,7 @@ def steerability(
     vector: SteeringVector,
     strengths: Sequence[float] = DEFAULT_STRENGTHS,
     *,
-    positions: PositionPolicy = "all",
+    positions: PositionPolicy = -1,
     baseline: bool = True,
     seed: int = 0,
     batch_size: int = 256,
