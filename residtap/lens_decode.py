@@ -203,6 +203,7 @@ def chunk_cells(n_sites: int, vocab: int, memory_budget: int, logits_itemsize: i
 
 
 _BLOCK = 128  # columns per block in blocked_topk
+EXP_SAFE = 40.0  # |row max| below which exp(logits) is taken without subtracting the max
 _GROUP_WORDS = 255  # int64 words summed together in count_greater (no byte can overflow)
 
 
@@ -350,12 +351,25 @@ def _full_vocab_sums(logits: Tensor, k: int, tgt: Tensor, S: int, exps: Tensor,
     """The sums for logits (R, V) over the whole vocabulary (R = p positions x S sites)."""
     R, V = logits.shape
     vals, ids = blocked_topk(logits, k)  # (R, k); vals[:, 0] is the row max
-    e = torch.sub(logits, vals[:, :1], out=exps).exp_()  # (R, V)
+    m = vals[:, :1]
+    # Where every row max is within +-EXP_SAFE, exp(logits) needs no shift (nothing overflows,
+    # and what underflows is below e^-47 of the row's largest term), which saves a full pass;
+    # the sums are rescaled by exp(-m) below, so the result is the same as with the shift.
+    unshifted = bool(m.abs().max() < EXP_SAFE)
+    if unshifted:
+        e = torch.exp(logits, out=exps)  # (R, V) = exp(logits - m) * exp(m)
+    else:
+        e = torch.sub(logits, m, out=exps).exp_()  # (R, V)
     # dots[c, s, t] = sum_v logits_s(c)[v] * e_t(c)[v]: one small GEMM per position gives
     # E_p_s[logits_s] (the diagonal, for entropy) and E_p_final[logits_s] (column f, for KL)
     dots = torch.bmm(logits.view(-1, S, V), e.view(-1, S, V).transpose(1, 2))  # (p, S, S)
+    z = e.sum(dim=-1)
+    if unshifted:
+        scale = torch.exp(-m[:, 0])  # (R,)
+        z.mul_(scale)
+        dots.mul_(scale.view(-1, 1, S))  # column t belongs to row t's distribution
     rank = count_greater(logits, logits.gather(1, tgt), flags)  # (R,)
-    return vals, ids, e.sum(dim=-1), dots, rank
+    return vals, ids, z, dots, rank
 
 
 def _sharded_vocab_sums(logits: Tensor, k: int, tgt: Tensor, S: int, exps: Tensor,

@@ -55,8 +55,9 @@ def generate(model, ids, mask, n, **kw):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **kw)
 
 
+@pytest.mark.parametrize("defer", [0, 2])  # 2: a deferred readout, its ring filled twice
 @pytest.mark.parametrize("positions", ["generated", "prompt_last", "prompt", "all"])
-def test_packed_scores_equal_probes_on_captured_activations(positions):
+def test_packed_scores_equal_probes_on_captured_activations(positions, defer):
     model, bank, n = tiny_model("llama", layers=4), make_bank(), 5
     ids, mask = left_padded(PROMPTS)
     B, Tp = ids.shape
@@ -65,9 +66,11 @@ def test_packed_scores_equal_probes_on_captured_activations(positions):
     torch.manual_seed(3)  # sampling: the bank must follow whatever tokens are drawn
     with torch.no_grad(), residtap.capture(model, sites) as acts, bank.attach(
             model, batch_size=B, max_tokens=slots, positions=positions,
-            aggregate=("max", "mean", "ema"), ema_alpha=0.3) as run:
+            aggregate=("max", "mean", "ema"), ema_alpha=0.3, defer=defer) as run:
         generate(model, ids, mask, n, do_sample=True, top_k=0)
     res = run.results()
+    if defer and positions in ("generated", "all"):  # 4 decode steps, read 2 at a time
+        assert run.flushes == 2
     full = expected_scores(bank, acts)  # (B, Tp + n - 1, C): every fed position
     real = mask.bool()
     pick = {"generated": slice(Tp - 1, None), "prompt_last": slice(Tp - 1, Tp),
@@ -126,18 +129,20 @@ def test_rows_are_never_attributed_to_another_request():
         assert torch.allclose(solo.results().scores[0], batched.scores[b], atol=1e-4), b
 
 
-def test_stream_callback_gets_every_step_while_generating():
+@pytest.mark.parametrize("defer", [0, 3])
+def test_stream_callback_gets_every_step_while_generating(defer):
     model, bank, n = tiny_model("llama", layers=4), make_bank(), 5
     ids, mask = left_padded(PROMPTS)
     seen = []
-    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+    with torch.no_grad(), bank.attach(model, max_tokens=n, defer=defer) as run:
         live = run.streamer(lambda s: seen.append((s.start, s.scores.clone())))
         generate(model, ids, mask, n, stopping_criteria=[live])
     assert [s for s, _ in seen] == list(range(n))
     assert torch.equal(torch.cat([x for _, x in seen], 1), run.results().scores)
 
 
-def test_early_exit_stops_exactly_the_crossing_rows_and_leaves_others_unchanged():
+@pytest.mark.parametrize("defer", [0, 3])
+def test_early_exit_stops_exactly_the_crossing_rows_and_leaves_others_unchanged(defer):
     model, n, patience = tiny_model("llama", layers=4), 8, 2
     bank = make_bank()
     ids, mask = left_padded(PROMPTS)
@@ -159,7 +164,7 @@ def test_early_exit_stops_exactly_the_crossing_rows_and_leaves_others_unchanged(
             break
     else:
         pytest.fail(f"no threshold splits the rows; scores {score}")
-    with torch.no_grad(), bank.attach(model, max_tokens=n) as run:
+    with torch.no_grad(), bank.attach(model, max_tokens=n, defer=defer) as run:
         stop = run.early_exit("a", threshold, patience=patience)
         out = generate(model, ids, mask, n, stopping_criteria=[stop], **kw)
     report = stop.report()
@@ -289,6 +294,8 @@ def test_bad_inputs_give_clear_errors():
         ProbeBank().add("q", torch.randn(2, D), torch.zeros(3), site="layers.0")
     with pytest.raises(ValueError, match="positions must be one of"):
         make_bank().attach(model, positions="last")
+    with pytest.raises(ValueError, match="defer must be an int >= 0.*got -1"):
+        make_bank().attach(model, defer=-1)
     with pytest.raises(ValueError, match="batch_size=2 .* has 3"), torch.no_grad(), \
             make_bank().attach(model, batch_size=2, max_tokens=4):
         model(input_ids=left_padded(PROMPTS)[0])
@@ -327,7 +334,8 @@ def test_bench_probes_quick_json_in_process(capsys, tmp_path):
     assert {r["scope"] for r in result["rows"]} == {"one", "all"}
     row = result["rows"][0]
     for key in ("baseline_tok_s", "naive_overhead_pct", "packed_overhead_pct", "floor_pct",
-                "handler_pct", "tap_body_pct", "packed_spread_pct"):
+                "handler_pct", "tap_body_pct", "packed_spread_pct", "deferred_overhead_pct",
+                "deferred_handler_pct", "deferred_tap_body_pct"):
         assert key in row
     assert (tmp_path / "bench_probes.json").is_file() and (tmp_path / "bench_probes.png").is_file()
 

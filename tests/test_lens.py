@@ -122,6 +122,26 @@ def test_chunked_decode_equals_unchunked(arch):
         torch.testing.assert_close(part.kl, whole.kl, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_exp_without_the_max_shift_equals_the_shifted_exp(monkeypatch, scale):
+    """Rows whose max is small take exp(logits) unshifted; forcing the shift everywhere
+    (EXP_SAFE = 0) gives the same statistics."""
+    import residtap.lens_decode as lens_decode
+
+    model = sharpened(tiny_model("llama", layers=3), scale)
+    ids, mask = padded_batch()
+    lens = LogitLens(model)
+    captured = lens.capture(ids, mask, max_new_tokens=4, pad_token_id=0)
+    fast = lens.decode(captured, top_k=5)
+    monkeypatch.setattr(lens_decode, "EXP_SAFE", 0.0)
+    shifted = lens.decode(captured, top_k=5)
+    assert torch.equal(fast.topk_ids, shifted.topk_ids)
+    assert torch.equal(fast.actual_rank, shifted.actual_rank)
+    torch.testing.assert_close(fast.topk_probs, shifted.topk_probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.entropy, shifted.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.kl, shifted.kl, atol=1e-5, rtol=1e-5)
+
+
 def test_probabilities_are_full_vocabulary_and_stats_match_direct_formulas():
     torch.manual_seed(0)
     B, S, T, d, V, k = 2, 3, 4, 8, 700, 3  # V > 128 * k: the blocked top-k path

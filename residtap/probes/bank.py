@@ -267,6 +267,7 @@ class ProbeBank:
         dtype: torch.dtype = torch.float32,
         timed: bool = False,
         arch: Arch | None = None,
+        defer: int = 0,
     ) -> BankRun:
         """A context manager that reads every probe during the forwards run inside it.
 
@@ -274,7 +275,10 @@ class ProbeBank:
         allocate it now (needed under torch.compile or CUDA graphs), otherwise it is allocated at
         the first forward (batch from the input, max_tokens = the prompt length for the prompt
         modes). max_tokens counts slots: max_new_tokens for "generated", 1 for "prompt_last".
-        timed: accumulate wall time spent in the bank's own tap code (`run.tap_seconds`)."""
+        timed: accumulate wall time spent in the bank's own tap code (`run.tap_seconds`).
+        defer: stage up to this many one-token decode steps and read them with one matmul per
+        site (see bank_run.py); scores are the same, read through results(), aggregate(),
+        early exit or the streamer (or run.scores after run.flush()). 0: read every forward."""
         return BankRun(
             self,
             model,
@@ -286,6 +290,7 @@ class ProbeBank:
             dtype=dtype,
             timed=timed,
             arch=arch,
+            defer=defer,
         )
 
 

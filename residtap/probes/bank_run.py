@@ -13,6 +13,16 @@ Each forward has two halves (see `BankRun`):
   score buffer with `index_copy_` at a slot index held in a device tensor. It reads no Python
   int that changes between decode steps, so a compiled forward does not specialise (and
   recompile) on the step: compiled `generate` builds the same graphs with and without a bank.
+
+Deferred readout (`defer=K`): a decode step that scores one token per row does not multiply at
+all; each site keeps a reference to its (B, 1, d) hidden state (a fresh tensor the model never
+writes into again; under torch.compile, a copy into a staging ring of K steps), and `flush()`
+later reads all staged steps with one matmul per site, so the probe weights are read once per K
+steps instead of once per step. On a CPU, a small matmul right after a block's own kernels is
+several times slower than the same call in a warm loop; see BENCHMARKS.md.
+`_begin` flushes when the ring is full or the sequence of slots breaks; `results()`,
+`aggregate()`, early exit, the streamer and leaving the `with` block flush first, so every way
+of reading scores sees them all. Only `run.scores` read directly mid-generate needs `flush()`.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ class BankRun(TapBlock):
         dtype: torch.dtype,
         timed: bool,
         arch: Arch | None,
+        defer: int = 0,
     ) -> None:
         if len(bank) == 0:
             raise ValueError(
@@ -78,6 +89,9 @@ class BankRun(TapBlock):
                 raise ValueError(f"aggregate must be among {AGGREGATES}, got {a!r}")
         if not 0.0 < ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if not isinstance(defer, int) or isinstance(defer, bool) or defer < 0:
+            raise ValueError(f"defer must be an int >= 0 (decode steps staged per readout; 0 "
+                             f"reads at every forward), got {defer!r}")
         for label, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{label} must be a positive int or None, got {value!r}")
@@ -106,6 +120,14 @@ class BankRun(TapBlock):
         self._ema: tuple[Tensor, Tensor] | None = None  # per-token weights, total decay
         self._sum_w: Tensor | None = None  # (B, 1) tokens aggregated (mean)
         self._ema_left: Tensor | None = None  # (B, 1) weight of the ema's zero start
+        self.defer = defer
+        self._held: dict[str, list[Tensor]] = {}  # site -> the staged steps' hidden (eager)
+        self._stage: dict[str, Tensor] = {}  # site -> (defer, B, d) staged rows (compiled)
+        self._staging = False  # does this forward stage instead of reading?
+        self._stage_index: Tensor | None = None  # the same, as a (1,) device index (compiled)
+        self._pending = 0  # steps staged and not yet read
+        self.flushes = 0  # deferred readouts done (each reads its staged steps at every site)
+        self._pending_lo = 0  # the slot of the first of them
         if batch_size is not None and max_tokens is not None:
             self._allocate(batch_size, max_tokens)
         taps = {pack.site: _SiteReadout(self, pack) for pack in self.packs}
@@ -122,6 +144,14 @@ class BankRun(TapBlock):
         }
         self._sum_w = torch.zeros(batch, 1, dtype=self.dtype, device=dev)
         self._ema_left = torch.ones(batch, 1, dtype=self.dtype, device=dev)
+        if self.defer:
+            self._held = {p.site.name: [] for p in self.packs}
+            self._stage = {
+                p.site.name: torch.zeros(self.defer, batch, p.weight.shape[1],
+                                         dtype=p.weight.dtype, device=dev) for p in self.packs
+            }
+            ring = torch.arange(self.defer, device=dev)
+            self._stage_slots = [ring[i:i + 1] for i in range(self.defer)]  # (1,) each
         self.batch_size, self.max_tokens = batch, max_tokens
         log.info("probe bank buffers: scores (%d, %d, %d) %s on %s", batch, max_tokens, P,
                  self.dtype, dev)
@@ -137,6 +167,7 @@ class BankRun(TapBlock):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            self.flush()
             for stream in getattr(self, "_streams", []):
                 stream.flush()
         finally:
@@ -160,7 +191,9 @@ class BankRun(TapBlock):
     def _begin(self, step: Step) -> None:
         """Once per forward, before any site: work out the slots, reset on a new run."""
         B, T, past = step.batch, step.length, step.past
-        self._writes = False
+        self._writes = self._staging = False
+        if self._pending and past == 0:
+            self._flush()  # the previous run's last steps, before the new run resets
         if self.scores is None:
             if self.max_tokens is None and self.positions in ("generated", "all"):
                 raise ValueError(
@@ -219,9 +252,20 @@ class BankRun(TapBlock):
             )
         self._writes = True
         self._span = slots
-        self._slots = torch.arange(lo, hi, device=self.device)
         self.valid[:, lo:hi] = weights
         self.filled = hi
+        stage = self.defer and past > 0 and hi - lo == 1 and self._pick is None
+        if self._pending and (not stage or self._pending == self.defer
+                              or lo != self._pending_lo + self._pending):
+            self._flush()
+        if stage:
+            if not self._pending:
+                self._pending_lo = lo
+            self._staging = True
+            self._stage_index = self._stage_slots[self._pending]
+            self._pending += 1
+            return
+        self._slots = torch.arange(lo, hi, device=self.device)
         if self.aggregate_names:
             self._prepare_aggregates(weights.to(self.dtype))
 
@@ -266,6 +310,13 @@ class BankRun(TapBlock):
                 f"probes at site {pack.site.name!r} expect width {pack.weight.shape[1]} but the "
                 f"site produced {tuple(hidden.shape)}; attach probes trained at this site"
             )
+        if self._staging:  # keep the token's rows; `flush` multiplies later
+            if torch.compiler.is_compiling():
+                h = hidden[:, -1].to(pack.weight.dtype)[None]  # (1, B, d)
+                self._stage[pack.site.name].index_copy_(0, self._stage_index, h)
+            else:
+                self._held[pack.site.name].append(hidden)  # (B, 1, d): no work now
+            return
         if self._pick is not None:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             h = hidden[rows, self._pick][:, None]  # (B, 1, d)
@@ -282,6 +333,36 @@ class BankRun(TapBlock):
             self.scores[:, lo:hi, pack.start : pack.stop] = s
         if self.aggregate_names:
             self._aggregate(pack, s.to(self.dtype))
+
+    def flush(self) -> None:
+        """Read the staged decode steps (if any): one matmul per site over all of them."""
+        if self._pending:
+            t0 = time.perf_counter()
+            self._flush()
+            if self.timed:
+                self.tap_seconds += time.perf_counter() - t0
+
+    def _flush(self) -> None:
+        n, self._pending = self._pending, 0
+        self.flushes += 1
+        lo, hi = self._pending_lo, self._pending_lo + n
+        if self.aggregate_names:
+            self._prepare_aggregates(self.valid[:, lo:hi].to(self.dtype))
+        for pack in self.packs:
+            held = self._held[pack.site.name]
+            if held:  # eager forwards: their hidden states, (B, 1, d) each
+                h = torch.cat(held, dim=1) if len(held) > 1 else held[0]  # (B, n, d)
+                held.clear()
+            else:  # compiled forwards: the staging ring
+                h = self._stage[pack.site.name][:n].transpose(0, 1)
+            if h.shape[1] != n:
+                raise RuntimeError(f"site {pack.site.name!r} staged {h.shape[1]} steps but {n} "
+                                   "forwards ran; mixing compiled and eager forwards in one "
+                                   "deferred run is not supported (attach with defer=0)")
+            s = F.linear(h.to(pack.weight.dtype), pack.weight, pack.bias)  # (B, n, P_site)
+            self.scores[:, lo:hi, pack.start:pack.stop] = s
+            if self.aggregate_names:
+                self._aggregate(pack, s.to(self.dtype))
 
     def _aggregate(self, pack: _Pack, s: Tensor) -> None:
         w = self._weights[..., None]  # (B, t, 1)
@@ -304,6 +385,7 @@ class BankRun(TapBlock):
                 f"aggregate {name!r} was not requested; attach with "
                 f"aggregate={name!r} (requested: {list(self.aggregates)})"
             )
+        self.flush()
         buf = self.aggregates[name]
         if name == "max":
             return buf.clone()
@@ -317,6 +399,7 @@ class BankRun(TapBlock):
                 "no forward has run with this bank attached; call the model "
                 "inside the `with bank.attach(...)` block first"
             )
+        self.flush()
         scores = self.scores[:, : self.filled]
         valid = self.valid[:, : self.filled]
         aggs = {a: self.aggregate(a).cpu() for a in self.aggregates}

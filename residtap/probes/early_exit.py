@@ -104,6 +104,7 @@ class EarlyExit(StoppingCriteria):
             B = run.scores.shape[0]
             self.streak = torch.zeros(B, dtype=torch.long, device=run.scores.device)
             self.stop_slot = torch.full((B,), -1, dtype=torch.long, device=run.scores.device)
+        run.flush()  # a deferred readout's staged steps
         k = run.filled - 1  # the slot of the token generate just appended
         s = run.scores[:, k, self.col]  # (B,)
         if self.direction == "above":
@@ -171,6 +172,7 @@ class ScoreStream(StoppingCriteria):
         run = self.run
         if run.scores is None:
             return
+        run.flush()  # a deferred readout's staged steps
         if run.run_id != self._run_id:
             self._run_id, self.delivered = run.run_id, 0
         lo, hi = self.delivered, run.filled
