@@ -12,7 +12,8 @@ vocab_size=8192), float32, seed 0; the vector is random (norm 4) at layers.4.
    "sequential" is eight full passes, one per strength, each over the P prompts (the usual
    one-multiplier-per-run loop). Both read only the last position's logits. Target: >= 4x.
 2. Decode: greedy generate (batch 1, 16-token prompt, N new tokens) with and without steering,
-   in interleaved pairs (the order alternates), one process. Target: overhead <= 2%. Then the
+   in interleaved ABBA blocks (no steering, steering, steering, no steering; the next block
+   BAAB), one process; each block gives one paired ratio. Target: overhead <= 2%. Then the
    time spent inside the steering tap per generate call, measured separately (timing the tap
    costs a little itself).
 """
@@ -105,22 +106,24 @@ def generate(model, ids, new_tokens):
 
 def bench_decode(model, vec, pairs: int, new_tokens: int) -> None:
     print(f"\n== decode: greedy generate, batch 1, 16-token prompt, {new_tokens} new tokens, "
-          f"{pairs} interleaved pairs ==")
+          f"{pairs} interleaved ABBA blocks ==")
     ids = torch.randint(3, CONFIG["vocab_size"], (1, 16), generator=torch.Generator()
                         .manual_seed(2))
     for policy in ("all", -1):
         generate(model, ids, 4)  # warm-up
         plain_t, steer_t = [], []
-        for r in range(pairs):
-            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for r in range(pairs):  # ABBA blocks (BAAB every other one): drift cancels in a block
+            block = {0: 0.0, 1: 0.0}
+            for which in ((0, 1, 1, 0) if r % 2 == 0 else (1, 0, 0, 1)):
                 start = time.perf_counter()
                 if which == 0:
                     out_plain = generate(model, ids, new_tokens)
-                    plain_t.append(time.perf_counter() - start)
                 else:
                     with steer(model, vec, 4.0, positions=policy):
                         generate(model, ids, new_tokens)
-                    steer_t.append(time.perf_counter() - start)
+                block[which] += (time.perf_counter() - start) / 2
+            plain_t.append(block[0])
+            steer_t.append(block[1])
         ratios = [s / p for s, p in zip(steer_t, plain_t, strict=True)]
         p_med, s_med = statistics.median(plain_t), statistics.median(steer_t)
         print(f"positions={policy!s:>4}: no steering {p_med * 1e3:8.1f} ms, steering "

@@ -256,7 +256,9 @@ class _SharedPrefixSweep:
     def last_logits(self, model, items, examples, vectors, coef, pad_id) -> Tensor:
         k, copies = self.suffix, coef.shape[0] // len(examples)
         ids, mask = pad_left([items[i].prompt[:-k] for i in examples], pad_id)
-        out = model(**forward_inputs(model, ids, mask, last_logits_only=True), use_cache=True)
+        # the prefix is only needed for its KV cache: run the decoder without the LM head
+        body = getattr(model, "base_model", model)
+        out = body(**forward_inputs(body, ids, mask), use_cache=True)
         cache = out.past_key_values
         cache.batch_repeat_interleave(copies)
         tail = torch.tensor([items[i].prompt[-k:] for i in examples]).repeat_interleave(copies, 0)
