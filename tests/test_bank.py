@@ -225,9 +225,11 @@ def test_compiles_with_zero_graph_breaks_and_matches_eager_while_naive_hooks_bre
     assert any("item" in str(r.reason) for r in naive.break_reasons)
 
 
-def test_compiled_generate_builds_no_more_graphs_than_without_the_bank():
+@pytest.mark.parametrize("defer", [0, 2])
+def test_compiled_generate_builds_no_more_graphs_than_without_the_bank(defer):
     """The readout writes at a device slot index, so a compiled `model.forward` does not
-    specialise on the decode step: one graph per baseline graph, tokens and scores as eager."""
+    specialise on the decode step: one graph per baseline graph, tokens and scores as eager.
+    With defer, compiled decode steps copy into the staging ring, read at each flush."""
     import torch._dynamo as dynamo
     from torch._dynamo.testing import CompileCounter
 
@@ -243,9 +245,10 @@ def test_compiled_generate_builds_no_more_graphs_than_without_the_bank():
             with torch.no_grad():
                 if bank is None:
                     return generate(model, ids, mask, n), None, counter.frame_count
-                with bank.attach(model, batch_size=3, max_tokens=n,
+                with bank.attach(model, batch_size=3, max_tokens=n, defer=defer,
                                  aggregate=("max", "mean", "ema")) as run:
                     out = generate(model, ids, mask, n)
+                assert run.flushes == (0 if not defer else -(-(n - 1) // defer))
                 return out, run.results(), counter.frame_count
         finally:
             dynamo.reset()
