@@ -15,6 +15,7 @@ from residtap.probes.bank import ProbeBank
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
 from residtap.steering import SteerabilityResult, SteeringVector, steer, steerability
 from residtap.store import Store, extract
+from residtap.tuned_lens import TunedLens, train_tuned_lens
 
 __all__ = [
     "ARCHITECTURES", "Activations", "Arch", "Step", "StopForward", "capture", "layer_sites",
@@ -24,3 +25,4 @@ __all__ += ["Store", "extract"]
 __all__ += ["LensResult", "LogitLens", "run_lens"]
 __all__ += ["SteerabilityResult", "SteeringVector", "steer", "steerability"]
 __all__ += ["ProbeBank"]
+__all__ += ["TunedLens", "train_tuned_lens"]

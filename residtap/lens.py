@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from residtap.engine import Step, tap
+from residtap.identity import check_same_model
 from residtap.lens_decode import DEFAULT_MEMORY_BUDGET, Readout, decode, readout_of
 from residtap.sites import Arch, layer_sites, num_layers, resolve_site
 
@@ -92,7 +93,9 @@ class LogitLens:
         result = lens.run(input_ids, attention_mask, max_new_tokens=16, tokenizer=tok)
 
     sites: site names (default every `layers.{i}`); sublayers=True adds each layer's `attn` and
-    `mlp` outputs. dtype: buffer dtype (default the model's). readout: override the table."""
+    `mlp` outputs. dtype: buffer dtype (default the model's). readout: override the table.
+    translators: a `residtap.TunedLens`; sites it has a translator for decode through it (the
+    tuned lens), the others as the logit lens."""
 
     def __init__(
         self,
@@ -103,11 +106,15 @@ class LogitLens:
         dtype: torch.dtype | None = None,
         readout: Readout | None = None,
         arch: Arch | None = None,
+        translators: Any = None,
     ) -> None:
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
         self.model = model
         self.arch = arch
+        if translators is not None and translators.model is not None:
+            check_same_model(translators.model, model, "tuned lens")
+        self.translators = translators
         self.readout = readout if readout is not None else readout_of(model)
         if isinstance(sites, str):
             sites = [sites]
@@ -191,8 +198,13 @@ class LogitLens:
         progress: bool = False,
     ) -> LensResult:
         """Decode a capture through the model's readout (see residtap.lens_decode)."""
+        hidden = captured.hidden
+        if self.translators is not None:  # the tuned lens: translate, then the same decode
+            hidden = hidden.clone()
+            for i, site in enumerate(self._slots):
+                hidden[:, i] = self.translators.translate(site, hidden[:, i])
         stats = decode(
-            captured.hidden, length=captured.length, readout=self.readout,
+            hidden, length=captured.length, readout=self.readout,
             next_ids=captured.next_ids(), final_slot=captured.final_slot, top_k=top_k,
             memory_budget=memory_budget, progress=progress,
         )
@@ -276,12 +288,14 @@ def run_lens(
     dtype: torch.dtype | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    translators: Any = None,
     **generate_kwargs: Any,
 ) -> LensResult:
-    """Logit lens over prompts and their greedy continuation, in one generate call."""
+    """Logit lens over prompts and their greedy continuation, in one generate call
+    (the tuned lens where `translators`, a residtap.TunedLens, has a translator)."""
     ids, mask = tokenize_left_padded(tokenizer, prompts)
     generate_kwargs.setdefault("pad_token_id", pad_id(tokenizer))
-    lens = LogitLens(model, sites, sublayers=sublayers, dtype=dtype)
+    lens = LogitLens(model, sites, sublayers=sublayers, dtype=dtype, translators=translators)
     return lens.run(ids, mask, max_new_tokens=max_new_tokens, top_k=top_k,
                     memory_budget=memory_budget, tokenizer=tokenizer, progress=progress,
                     **generate_kwargs)

@@ -140,7 +140,9 @@ class Readout:
             logits = torch.matmul(h, weight.t(), out=out)  # (R, V)
         else:
             logits = torch.addmm(bias, h, weight.t(), out=out)
-        if self.softcap is not None:
+        if self.softcap is not None and logits.requires_grad:  # training a tuned lens
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        elif self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 

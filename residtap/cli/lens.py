@@ -2,6 +2,10 @@
 
 Writes lens.json (every statistic), lens.png (heatmap of one batch row; needs matplotlib) and
 lens.html (self-contained, hover for the top-k) into DIR, and prints a per-site summary.
+With `--tuned FILE` the sites it has translators for decode through them (the tuned lens).
+
+`residtap tuned-lens MODEL --store DIR --out FILE`: train that file from a store of block
+outputs (see residtap.tuned_lens); prints each site's held-out KL with and without it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 
 from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
 from residtap.lens import LensResult, run_lens
+from residtap.tuned_lens import TunedLens, train_tuned_lens
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +35,24 @@ def register(sub) -> None:
     p.add_argument("--row", type=int, default=0, help="batch row drawn in lens.png (0)")
     p.add_argument("--memory-budget-mb", type=int, default=256,
                    help="work space for the deferred decode, MiB (256)")
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="a tuned-lens file (from `residtap tuned-lens`): decode through it")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own code to run (off by default)")
     add_json_flag(p)
     p.set_defaults(func=run)
+
+    t = sub.add_parser("tuned-lens", help="train tuned-lens translators from a store")
+    t.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    t.add_argument("--store", required=True, help="a store of block outputs incl. the last")
+    t.add_argument("--out", required=True, help="the .safetensors file to write")
+    t.add_argument("--steps", type=int, default=300, help="Adam steps (300)")
+    t.add_argument("--batch-size", type=int, default=256, help="rows per step (256)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    t.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own code to run (off by default)")
+    add_json_flag(t)
+    t.set_defaults(func=run_train)
 
 
 def site_summary(result: LensResult) -> list[dict]:
@@ -59,11 +78,12 @@ def run(args) -> int:
             f"{args.max_new_tokens}, {args.top_k}, {args.memory_budget_mb}"
         )
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tuned = TunedLens.load(args.tuned, model) if args.tuned else None
     with torch.no_grad():
         result = run_lens(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           top_k=args.top_k, sublayers=args.sublayers,
                           memory_budget=args.memory_budget_mb * 2**20,
-                          progress=not args.json)
+                          progress=not args.json, translators=tuned)
     paths = result.save(args.out, row=args.row, color=args.color)
     summary = site_summary(result)
     generated = [tokenizer.decode(row[result.prompt_length:])
@@ -82,4 +102,19 @@ def run(args) -> int:
     print(format_table(summary, ["site", "entropy", "kl_to_final", "top1_is_next"]))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
+    return 0
+
+
+def run_train(args) -> int:
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tuned = train_tuned_lens(model, args.store, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, progress=not args.json)
+    path = tuned.save(args.out)
+    rows = [{"site": s, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}}
+            for s, m in tuned.metrics.items()]
+    if args.json:
+        emit_json({"file": str(path), "sites": rows})
+        return 0
+    print(format_table(rows, ["site", "logit_lens_kl", "tuned_lens_kl", "held_out_rows"]))
+    print(f"wrote {path}")
     return 0
