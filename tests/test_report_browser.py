@@ -109,3 +109,14 @@ def test_screenshot_is_a_full_page_of_content(report: Path, tmp_path: Path) -> N
     keep = os.environ.get("RESIDTAP_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / "report.png")
+
+
+def test_demo_summary_has_the_lens_converging_and_the_tuned_lens_closer(report: Path) -> None:
+    """The demo's lens stage: KL to the final layer falls with depth; its tuned lens (trained
+    in the demo) reads the first layers closer to the final layer; the last layer is shared."""
+    import json
+
+    lens = json.loads((report.parent / "summary.json").read_text())["lens"]
+    kl, tuned = lens["kl_by_layer"], lens["tuned_kl_by_layer"]
+    assert kl[0] > kl[-2] > kl[-1] == 0
+    assert tuned[0] < kl[0] and tuned[1] < kl[1] and tuned[-1] == kl[-1]
