@@ -255,8 +255,7 @@ class _StoreTap:
 def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path | None,
          manifest: dict, *, policy, dtype, batch_size: int, start: int,
          max_length: int | None, shard_rows: int, progress: bool, arch: Arch | None) -> None:
-    device = next(model.parameters()).device
-    non_blocking = device.type == "cuda"
+    non_blocking = next(model.parameters()).device.type == "cuda"
     taps = {s.name: _StoreTap(s.name, dtype, non_blocking) for s in resolved}
     # stop_early: each forward ends after the last site fires; with 'logits' among the sites
     # that is the end of the model anyway.
@@ -275,27 +274,8 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path |
                                                      policy, tokenizer, pad_id, side, max_length):
                 writer.begin_shard(shard_rows_planned)
                 for batch, ids, mask, index, sample, position in shard:
-                    index = index.to(device)
-                    keep_all = policy == "all" and index.shape[0] == mask.numel()
-                    for t in taps.values():
-                        t.index, t.keep_all, t.rows = index, keep_all, None
-                    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                    if "position_ids" in accepted:
-                        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
-                    if "use_cache" in accepted:
-                        inputs["use_cache"] = False
-                    try:
-                        model(**inputs)
-                    except StopForward:
-                        pass
-                    if non_blocking:
-                        torch.cuda.current_stream(device).synchronize()
-                    missing = [name for name, t in taps.items() if t.rows is None]
-                    if missing:
-                        raise LookupError(f"site(s) {missing} never fired during the forward; "
-                                          "choose modules the model calls")
-                    writer.put_batch({n: t.rows for n, t in taps.items()}, sample, position,
-                                     batch)
+                    rows = _forward(model, taps, ids, mask, index, policy, accepted)
+                    writer.put_batch(rows, sample, position, batch)
                     tokens += int(mask.sum())
                     bar.update(len(batch))
                     rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -315,6 +295,32 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path |
     if folder is not None:
         log.info("store %s complete: %d rows in %d shard(s)", folder, manifest["rows"],
                  len(manifest["shards"]))
+
+
+def _forward(model, taps: dict[str, _StoreTap], ids: Tensor, mask: Tensor, index: Tensor,
+             policy, accepted) -> dict[str, Tensor]:
+    """One batch through the model with the store taps on: each site's kept rows (CPU)."""
+    device = next(model.parameters()).device
+    index = index.to(device)
+    keep_all = policy == "all" and index.shape[0] == mask.numel()
+    for t in taps.values():
+        t.index, t.keep_all, t.rows = index, keep_all, None
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if "position_ids" in accepted:
+        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+    if device.type == "cuda":  # the taps' copies to the host were non-blocking
+        torch.cuda.current_stream(device).synchronize()
+    missing = [name for name, t in taps.items() if t.rows is None]
+    if missing:
+        raise LookupError(f"site(s) {missing} never fired during the forward; "
+                          "choose modules the model calls")
+    return {n: t.rows for n, t in taps.items()}
 
 
 def _shards(samples: list[Sample], start: int, batch_size: int, shard_rows: int, policy,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import struct
@@ -63,7 +64,7 @@ class SafetensorsStream:
         for name, t in like.items():
             if t.dtype not in SAFETENSORS_DTYPES:
                 raise TypeError(f"cannot store dtype {t.dtype} of {name!r} in safetensors")
-            self.row_bytes[name] = t[:1].numel() * t.element_size() if t.dim() else 0
+            self.row_bytes[name] = math.prod(t.shape[1:]) * t.element_size()
             nbytes = rows[name] * self.row_bytes[name]
             header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype],
                             "shape": [rows[name], *t.shape[1:]],
