@@ -124,10 +124,10 @@ class BankRun(TapBlock):
         self._held: dict[str, list[Tensor]] = {}  # site -> the staged steps' hidden (eager)
         self._stage: dict[str, Tensor] = {}  # site -> (defer, B, d) staged rows (compiled)
         self._staging = False  # does this forward stage instead of reading?
-        self._stage_index: Tensor | None = None  # the same, as a (1,) device index (compiled)
+        self._stage_index: Tensor | None = None  # (1,) ring position this forward stages into
         self._pending = 0  # steps staged and not yet read
-        self.flushes = 0  # deferred readouts done (each reads its staged steps at every site)
         self._pending_lo = 0  # the slot of the first of them
+        self.flushes = 0  # deferred readouts done (each reads its staged steps at every site)
         if batch_size is not None and max_tokens is not None:
             self._allocate(batch_size, max_tokens)
         taps = {pack.site: _SiteReadout(self, pack) for pack in self.packs}
