@@ -282,6 +282,36 @@ def test_no_hook_remains_after_normal_exit_or_exception():
     assert count_hooks(model) == before
 
 
+def test_error_mid_forward_keeps_the_deferred_steps_every_site_staged():
+    """An error inside a decode step's forward (after some sites staged it) propagates as is;
+    the steps before it are read, the broken one is marked not scored, no hook remains."""
+    model, bank = tiny_model("llama", layers=4), make_bank()
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad(), bank.attach(model, max_tokens=3) as run:
+        generate(model, ids, mask, 3)
+    want = run.results()
+    calls = []
+
+    def boom(module, args, output):  # layers.2 runs after embed and layers.1, before layers.3
+        calls.append(1)
+        if len(calls) == 4:  # prefill, decode 1, decode 2, then decode 3 fails
+            raise ValueError("boom")
+
+    layer2 = model.get_submodule(residtap.resolve_site(model, "layers.2").path)
+    before = count_hooks(model)
+    handle = layer2.register_forward_hook(boom)
+    try:
+        with pytest.raises(ValueError, match="boom"), torch.no_grad(), bank.attach(
+                model, max_tokens=6, defer=8) as run:
+            generate(model, ids, mask, 6)
+    finally:
+        handle.remove()
+    assert count_hooks(model) == before
+    got = run.results()
+    assert got.scores.shape[1] == 3 and torch.equal(got.valid, want.valid)
+    assert torch.allclose(got.scores, want.scores, atol=1e-5)
+
+
 def test_bad_inputs_give_clear_errors():
     model = tiny_model("llama", layers=4)
     with pytest.raises(ValueError, match="d_model=16 but site 'layers.1'.* 32 wide"):

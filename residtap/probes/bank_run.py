@@ -167,6 +167,8 @@ class BankRun(TapBlock):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            if exc_type is not None:
+                self._drop_unfinished_step()
             self.flush()
             for stream in getattr(self, "_streams", []):
                 stream.flush()
@@ -333,6 +335,18 @@ class BankRun(TapBlock):
             self.scores[:, lo:hi, pack.start : pack.stop] = s
         if self.aggregate_names:
             self._aggregate(pack, s.to(self.dtype))
+
+    def _drop_unfinished_step(self) -> None:
+        """After an error inside a forward, some sites may have staged its step and others not:
+        keep the steps every site staged, and mark the rest's slots as not scored."""
+        if not self._pending or not any(self._held.values()):
+            return  # nothing staged, or compiled forwards (whose ring holds whole steps)
+        done = min(len(held) for held in self._held.values())
+        for held in self._held.values():
+            del held[done:]
+        self.valid[:, self._pending_lo + done:self._pending_lo + self._pending] = False
+        self.filled = min(self.filled, self._pending_lo + done)
+        self._pending = done
 
     def flush(self) -> None:
         """Read the staged decode steps (if any): one matmul per site over all of them."""
