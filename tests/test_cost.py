@@ -264,13 +264,15 @@ def test_cli_measure_puts_measured_numbers_beside_the_predicted(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     measured = out["measured"]
     for key in ("baseline_s", "packed_s", "packed_overhead", "handler_fraction",
+                "deferred_s", "deferred_overhead", "deferred_handler_fraction",
                 "generate_baseline_s", "generate_packed_s"):
         assert math.isfinite(measured[key]), (key, measured)
-    assert measured["baseline_s"] > 0 and measured["packed_s"] > 0
-    assert 0 <= measured["handler_fraction"] < 1
+    assert measured["baseline_s"] > 0 and measured["packed_s"] > 0 and measured["deferred_s"] > 0
+    assert 0 <= measured["handler_fraction"] < 1 and 0 <= measured["deferred_handler_fraction"] < 1
     assert out["packed_s"] > 0 and out["hardware"] == "cpu" and out["dtype_bytes"] == 4
     assert main(["cost", "organism", "--probes", "10", "--sites", "all", "--measure",
                  "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"]) == 0
-    assert "measured on this machine" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "measured on this machine" in text and "with defer=16" in text
     assert main(["cost", "GPT-2", "--measure"]) == 2
     assert "is a preset" in capsys.readouterr().err

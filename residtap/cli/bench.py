@@ -331,26 +331,33 @@ def bench_compiled(model: nn.Module, cfg: BenchConfig, bank: ProbeBank) -> list[
 
 def measure_overhead(model: nn.Module, bank: ProbeBank, *, batch_size: int = 1,
                      new_tokens: int = 32, prompt_len: int = 16,
-                     repeats: int = 3) -> dict[str, float]:
-    """Measured overhead of `bank` on `model`'s greedy generate (for `residtap cost --measure`):
-    {"baseline_s", "packed_s", "overhead_pct", "handler_pct"} as paired medians."""
+                     repeats: int = 3, defer: int = 16) -> dict[str, float]:
+    """Measured overhead of `bank` on `model`'s greedy generate (for `residtap cost --measure`),
+    read every step ("packed") and with `defer` ("deferred"), as paired medians:
+    {"baseline_s", "<v>_s", "<v>_overhead_pct", "<v>_handler_pct"} for v in packed, deferred."""
     vocab = model.get_input_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     ids = torch.randint(3, vocab, (batch_size, prompt_len), device=device)
-    over, base_s, packed_s, handler = [], [], [], []
+    runs: dict[str, list[dict[str, float]]] = {"packed": [], "deferred": []}
+    base_s = []
     with torch.no_grad():
         _generate(model, ids, 2)
-        for _ in range(repeats):
+        for r in range(repeats):
+            order = ("packed", "deferred") if r % 2 == 0 else ("deferred", "packed")
             b0 = _time_variant(model, "baseline", None, ids, new_tokens)["seconds"]
-            p = _time_variant(model, "packed", bank, ids, new_tokens)
+            got = {v: _time_variant(model, v, bank, ids, new_tokens, defer) for v in order}
             b1 = _time_variant(model, "baseline", None, ids, new_tokens)["seconds"]
             base = (b0 + b1) / 2
-            over.append(100 * (p["seconds"] / base - 1))
             base_s.append(base)
-            packed_s.append(p["seconds"])
-            handler.append(100 * p["handler_seconds"] / p["seconds"])
-    return {"baseline_s": statistics.median(base_s), "packed_s": statistics.median(packed_s),
-            "overhead_pct": statistics.median(over), "handler_pct": statistics.median(handler)}
+            for v, t in got.items():
+                runs[v].append({"s": t["seconds"], "over": 100 * (t["seconds"] / base - 1),
+                                "handler": 100 * t["handler_seconds"] / t["seconds"]})
+    out = {"baseline_s": statistics.median(base_s)}
+    for v, ts in runs.items():
+        out[f"{v}_s"] = statistics.median(t["s"] for t in ts)
+        out[f"{v}_overhead_pct"] = statistics.median(t["over"] for t in ts)
+        out[f"{v}_handler_pct"] = statistics.median(t["handler"] for t in ts)
+    return out
 
 
 class _NoBar:

@@ -139,8 +139,11 @@ def measure(model: Any, n_probes: int, n_sites: int, batch_size: int, prompt_len
     return {
         "baseline_s": m["baseline_s"] / new_tokens,
         "packed_s": m["packed_s"] / new_tokens,
-        "packed_overhead": m["overhead_pct"] / 100,
-        "handler_fraction": m["handler_pct"] / 100,  # time inside residtap's hooks / generate
+        "packed_overhead": m["packed_overhead_pct"] / 100,
+        "handler_fraction": m["packed_handler_pct"] / 100,  # inside residtap's hooks / generate
+        "deferred_s": m["deferred_s"] / new_tokens,  # the same bank attached with defer=16
+        "deferred_overhead": m["deferred_overhead_pct"] / 100,
+        "deferred_handler_fraction": m["deferred_handler_pct"] / 100,
         "generate_baseline_s": m["baseline_s"],
         "generate_packed_s": m["packed_s"],
         "repeats": repeats,
@@ -173,6 +176,10 @@ def render(r: CostReport) -> str:
             f"({'+' if m['packed_overhead'] >= 0 else ''}{percent(m['packed_overhead'])}; "
             f"predicted +{percent(r.packed_overhead)}); inside residtap's hooks "
             f"{percent(m['handler_fraction'])} of generate",
+            f"  with defer=16 (scores read 16 decode steps at a time): packed "
+            f"{_signed_seconds(m['deferred_s'] - m['baseline_s'])} "
+            f"({'+' if m['deferred_overhead'] >= 0 else ''}{percent(m['deferred_overhead'])}); "
+            f"inside residtap's hooks {percent(m['deferred_handler_fraction'])} of generate",
         ]
     return "\n".join([
         f"{r.model} ({r.model_type}): {r.n_params / 1e9:.3g} B parameters, d_model {r.d_model}, "
