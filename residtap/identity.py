@@ -1,16 +1,19 @@
 """Model identity: a short, stable description of which model produced an artefact.
 
-Stores, probe files and steering vectors record it, and loaders compare it, so that an artefact
-made on one model is never silently used on another.
+Stores, probe files, steering vectors and tuned lenses record it, and loaders compare it, so
+that an artefact made on one model is never silently used on another. `read_safetensors` is the
+file read those loaders share.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 # Config keys that do not change what the network computes; left out of the hash.
 _VOLATILE_KEYS = {
@@ -55,3 +58,21 @@ def check_same_model(recorded: dict[str, Any], model: nn.Module, what: str) -> N
             f"{getattr(model.config, '_name_or_path', '') or type(model).__name__!r} has config "
             f"hash {current}; use the model it was made on, or re-create the {what} for this one"
         )
+
+
+def read_safetensors(path: str | os.PathLike, what: str, hint: str = ""
+                     ) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, tensors) of the safetensors file at `path`, a `what` ("probe file", ...):
+    FileNotFoundError ("no <what> at <path><hint>") or ValueError for an unreadable file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); was it truncated?"
+        ) from err

@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from residtap.identity import check_same_model, model_identity
+from residtap.identity import check_same_model, model_identity, read_safetensors
 from residtap.lens_decode import Readout, readout_of
 from residtap.probes.splits import grouped_split
 from residtap.sites import num_layers
+from residtap.store.manifest import atomic_write_bytes
 from residtap.store.reader import Store
 
 log = logging.getLogger(__name__)
@@ -78,24 +78,15 @@ class TunedLens:
         tensors |= {f"b.{s}": t.contiguous() for s, t in self.b.items()}
         meta = {"format": FORMAT, "sites": json.dumps(self.sites),
                 "model": json.dumps(self.model), "metrics": json.dumps(self.metrics)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> TunedLens:
         """Read a tuned-lens file; with `model`, check it was trained on that model."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no tuned-lens file at {path}; train one with "
-                                    "residtap.train_tuned_lens(...) or `residtap tuned-lens`")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+        meta, tensors = read_safetensors(path, "tuned-lens file", "; train one with residtap."
+                                         "train_tuned_lens(...) or `residtap tuned-lens`")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a tuned-lens file (format {meta.get('format')!r}, "
                              f"expected {FORMAT!r})")

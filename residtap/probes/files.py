@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import __version__
-from ..identity import check_same_model, model_identity
+from ..identity import check_same_model, model_identity, read_safetensors
 from .attention import AttentionProbe
 from .linear import Probe
 
@@ -96,16 +95,7 @@ def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None) -> 
     """Read a probe file. With `model`, raise ValueError unless the probe was made for it
     (same config hash and d_model)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no probe file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as err:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); was it truncated?"
-        ) from err
+    raw_meta, tensors = read_safetensors(path, "probe file")
     meta = _decode(raw_meta, path)
     kind = meta["kind"]
     expected = TENSORS[kind]

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from residtap.capture import capture
-from residtap.identity import check_same_model, model_identity
+from residtap.identity import check_same_model, model_identity, read_safetensors
 from residtap.sites import resolve_site
 from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
 
@@ -255,18 +255,9 @@ class SteeringVector:
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> SteeringVector:
         """Read a vector saved by `save`; with `model`, raise if it was made on another model."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no steering vector file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = list(f.keys())
-                tensor = f.get_tensor(TENSOR_KEY) if TENSOR_KEY in keys else None
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        meta, tensors = read_safetensors(path, "steering vector file")
+        keys, tensor = list(tensors), tensors.get(TENSOR_KEY)
         if meta.get("format") != FORMAT or tensor is None:
             raise ValueError(
                 f"{path} is not a residtap steering vector (expected metadata format={FORMAT!r} "
