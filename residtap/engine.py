@@ -65,6 +65,75 @@ class Step:
     attention_mask: Tensor | None = None
 
 
+def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
+    """The Step of a forward called with `kwargs`, following `previous`.
+
+    Derived from what the forward really uses, not from how a transformers release names its
+    arguments: the KV cache is any argument with `get_seq_length()` (5.23 and older pass it as
+    `past_key_values`, 5.24 as `cache`), the tokens already cached are its length; a 2-D
+    `attention_mask` (which 5.24 drops when it is all ones) must agree with it. A forward with
+    no cached tokens starts a new run. Where the two disagree, or a cache cannot say its length,
+    this raises instead of guessing. Only shapes and Python ints are read: no host sync, except
+    a cache whose length is a tensor (static caches of transformers 4.x), read once per forward.
+    """
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    batch, length = tuple(ids.shape[:2]) if isinstance(ids, Tensor) and ids.dim() > 1 else (0, 0)
+    cached = _cached_tokens(kwargs)
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    if mask is not None and cached is not None and mask.shape[1] != cached + length:
+        raise RuntimeError(
+            f"residtap cannot tell which tokens this forward covers (transformers "
+            f"{_transformers_version()}): the KV cache holds {cached} tokens and the input has "
+            f"{length}, but the attention_mask is {mask.shape[1]} wide (expected "
+            f"{cached + length}). Pass an attention_mask covering the cached and the new "
+            "tokens, or report this with your transformers version"
+        )
+    if mask is not None and mask.shape[1] < length:
+        raise RuntimeError(
+            f"the attention_mask is {mask.shape[1]} wide but the input has {length} tokens "
+            f"(transformers {_transformers_version()}); pass a (batch, tokens) mask"
+        )
+    past = cached if cached is not None else (mask.shape[1] - length if mask is not None else 0)
+    if past == 0:
+        return Step(previous.run + 1, 0, 0, batch, length, mask)
+    return Step(previous.run, previous.index + 1, past, batch, length, mask)
+
+
+def _cached_tokens(kwargs: Mapping[str, Any]) -> int | None:
+    """Tokens in the forward's KV cache, whatever keyword carries it; None without a cache."""
+    for key, value in kwargs.items():
+        if value is None or isinstance(value, (Tensor, bool, int, float, str)):
+            continue
+        if hasattr(value, "get_seq_length"):
+            n = value.get_seq_length()
+            return int(n)  # an int; a 0-d tensor for static caches of transformers 4.x
+        if isinstance(value, (tuple, list)) and key in ("past_key_values", "cache"):
+            first = value[0] if value else None  # legacy cache: ((key, value), ...) per layer
+            if isinstance(first, (tuple, list)) and first and isinstance(first[0], Tensor):
+                return int(first[0].shape[-2])
+            if not value:
+                return 0
+        if type(value).__name__.endswith("Cache"):
+            raise RuntimeError(
+                f"the forward's {key!r} is a {type(value).__name__} without get_seq_length(), "
+                f"so residtap cannot tell a decode step from a new sequence (transformers "
+                f"{_transformers_version()}); use a standard transformers cache "
+                "(DynamicCache, StaticCache)"
+            )
+    return None
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - residtap requires it
+        return "not installed"
+    return transformers.__version__
+
+
 def hidden_of(output: Any, field: str | None = None) -> Any:
     """The tensor a module's output stands for: the output itself, a tuple/list's first element,
     or a ModelOutput's `field` (or first entry). The one place that knows these shapes."""
@@ -107,22 +176,7 @@ class Engine:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if args:  # rare: HF callers pass keywords; bind positionals to their names
             kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        batch, length = tuple(ids.shape[:2]) if ids is not None and ids.dim() > 1 else (0, 0)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            past = mask.shape[1] - length
-        else:
-            mask = None
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        step = self.step
-        if past == 0:
-            self.step = Step(step.run + 1, 0, 0, batch, length, mask)
-        else:
-            self.step = Step(step.run, step.index + 1, past, batch, length, mask)
+        self.step = next_step(self.step, kwargs)
         self._fired = set()
 
     def _site_done(self, site: Site) -> None:
