@@ -81,4 +81,5 @@ def word_tokenizer():
                                                         special_tokens=[("<bos>", 1)])
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])
