@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from residtap.report.page import back_link
+
 Number = float | int | None
+log = logging.getLogger(__name__)
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
 _VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -161,6 +165,7 @@ body {{ font-family: sans-serif; margin: 16px; }}
 .legend {{ cursor: pointer; }} .legend.off {{ opacity: 0.3; }}
 svg .pt:hover, svg .cell:hover {{ stroke: red; stroke-width: 2; }}
 </style></head><body>
+{back}
 <h2>{title}</h2>
 {note}
 {svg}
@@ -191,10 +196,12 @@ svg .pt:hover, svg .cell:hover {{ stroke: red; stroke-width: 2; }}
 """
 
 
-def _page(path: str | Path, title: str, svg: str, data: Any, note: str) -> Path:
+def _page(path: str | Path, title: str, svg: str, data: Any, note: str,
+          back: str | None = None) -> Path:
     text = json.dumps(data, default=str).replace("</", "<\\/")  # cannot close the script tag
     note_html = f"<p>{html.escape(note)}</p>" if note else ""
-    page = _PAGE.format(title=html.escape(title or "residtap"), svg=svg, data=text, note=note_html)
+    page = _PAGE.format(title=html.escape(title or "residtap"), svg=svg, data=text,
+                        note=note_html, back=back_link(back))
     Path(path).write_text(page, encoding="utf-8")
     return Path(path)
 
@@ -208,6 +215,28 @@ def _range(values: list[list[float]] | list[float], lo: float | None, hi: float 
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
+def nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Round tick values covering [lo, hi] (at most about `n`), from matplotlib's MaxNLocator.
+
+    Without matplotlib (the HTML plots do not need it otherwise) the axis gets its two ends."""
+    try:
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        log.debug("matplotlib is not installed: SVG axes are labelled at their two ends only")
+        return [lo, hi]
+    ticks = MaxNLocator(nbins=n, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    return [float(t) for t in ticks]
+
+
+def _inside(ticks: list[float], lo: float, hi: float) -> list[float]:
+    slack = 1e-9 * (hi - lo)
+    return [t for t in ticks if lo - slack <= t <= hi + slack]
+
+
+def tick_label(v: float) -> str:
+    return f"{round(v, 10):g}"  # 0.6000000000000001 -> 0.6
+
+
 def _fmt(v: float) -> str:
     return "nan" if math.isnan(v) else f"{v:.4g}"
 
@@ -215,15 +244,19 @@ def _fmt(v: float) -> str:
 def line_html(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[Number]], *,
               title: str = "", xlabel: str = "", ylabel: str = "",
               ylim: tuple[float, float] | None = None, dashed: Sequence[str] = (),
-              note: str = "") -> Path:
+              note: str = "", back: str | None = None) -> Path:
     """Interactive line plot in one HTML file: hover a point for its values, click a legend
-    entry to hide its series; series named in `dashed` are drawn dashed. Returns the path."""
+    entry to hide its series; series named in `dashed` are drawn dashed. `back`: the href of
+    the page this one belongs to (a report), linked at the top. Returns the path."""
     _check_lines(x, series)
     esc = html.escape
     numeric = _numeric(x)
     xs = [float(v) for v in x] if numeric else [float(i) for i in range(len(x))]
     ys_all = {name: [_finite_or_nan(v) for v in ys] for name, ys in series.items()}
     y_lo, y_hi = _range(list(ys_all.values()), *(ylim or (None, None)))
+    y_ticks = nice_ticks(y_lo, y_hi)
+    if ylim is None:  # the axis ends on round ticks, as matplotlib's do
+        y_lo, y_hi = min(y_lo, y_ticks[0]), max(y_hi, y_ticks[-1])
     x_lo, x_hi = _range([xs], None, None) if len(xs) > 1 else (xs[0] - 1, xs[0] + 1)
     left, top, width, height = 70, 20, max(520, 48 * len(x)), 300
     bottom = 90 if not numeric else 50
@@ -238,13 +271,12 @@ def line_html(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[
            'font-family="sans-serif" font-size="11">',
            f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" '
            'stroke="#999"/>']
-    for k in range(6):  # horizontal grid with y tick labels
-        v = y_lo + (y_hi - y_lo) * k / 5
+    for v in _inside(y_ticks, y_lo, y_hi):  # horizontal grid with y tick labels
         out.append(f'<line x1="{left}" x2="{left + width}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
                    f'stroke="#eee"/><text x="{left - 6}" y="{py(v) + 4:.1f}" '
-                   f'text-anchor="end">{v:.3g}</text>')
+                   f'text-anchor="end">{tick_label(v)}</text>')
     ticks = list(zip(xs, x, strict=True)) if not numeric or len(xs) <= 12 else [
-        (x_lo + (x_hi - x_lo) * k / 5, round(x_lo + (x_hi - x_lo) * k / 5, 3)) for k in range(6)]
+        (v, tick_label(v)) for v in _inside(nice_ticks(x_lo, x_hi), x_lo, x_hi)]
     base = top + height
     for pos, label in ticks:
         out.append(f'<text x="{px(pos):.1f}" y="{base + 14}" text-anchor="end" '
@@ -281,7 +313,7 @@ def line_html(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[
     data = {"x": list(x), "series": {n: [None if math.isnan(v) else v for v in ys]
                                      for n, ys in ys_all.items()},
             "xlabel": xlabel, "ylabel": ylabel}
-    return _page(path, title, "\n".join(out), data, note)
+    return _page(path, title, "\n".join(out), data, note, back)
 
 
 def _colour(t: float) -> str:
@@ -298,9 +330,9 @@ def _colour(t: float) -> str:
 def heatmap_html(path: str | Path, matrix: Sequence[Sequence[Number]],
                  row_labels: Sequence[str], col_labels: Sequence[str], *, title: str = "",
                  xlabel: str = "", ylabel: str = "", vmin: float | None = None,
-                 vmax: float | None = None, note: str = "") -> Path:
+                 vmax: float | None = None, note: str = "", back: str | None = None) -> Path:
     """Matrix (R, C) as an interactive heatmap in one HTML file (hover a cell for its value),
-    row 0 at the top. Returns the path written."""
+    row 0 at the top; `back` as in `line_html`. Returns the path written."""
     values = _check_matrix(matrix, row_labels, col_labels)
     esc = html.escape
     lo, hi = _range(values, vmin, vmax)
@@ -335,8 +367,9 @@ def heatmap_html(path: str | Path, matrix: Sequence[Sequence[Number]],
     for k in range(20):  # colour bar, high at the top
         out.append(f'<rect x="{bar_x}" y="{top + k * cell * n_rows / 20:.1f}" width="14" '
                    f'height="{cell * n_rows / 20 + 0.5:.1f}" fill="{_colour(1 - k / 19)}"/>')
-    out.append(f'<text x="{bar_x + 18}" y="{top + 10}">{_fmt(hi)}</text>'
-               f'<text x="{bar_x + 18}" y="{base}">{_fmt(lo)}</text>')
+    for v in _inside(nice_ticks(lo, hi, 5), lo, hi):  # colour bar ticks, high at the top
+        y = top + (hi - v) / (hi - lo) * cell * n_rows
+        out.append(f'<text x="{bar_x + 18}" y="{y + 4:.1f}">{tick_label(v)}</text>')
     if xlabel:
         out.append(f'<text x="{left + cell * n_cols / 2}" y="{base + bottom + 14}" '
                    f'text-anchor="middle">{esc(xlabel)}</text>')
@@ -346,4 +379,4 @@ def heatmap_html(path: str | Path, matrix: Sequence[Sequence[Number]],
             "xlabel": xlabel, "ylabel": ylabel}
     if ylabel:
         note = f"Rows: {ylabel}. " + note
-    return _page(path, title, "\n".join(out), data, note)
+    return _page(path, title, "\n".join(out), data, note, back)
