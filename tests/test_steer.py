@@ -181,6 +181,62 @@ def test_no_hooks_remain_after_exit_and_exception(llama):
     assert count_hooks(llama) == before
 
 
+def test_pairs_as_tuples_or_rows_equal_two_lists(llama):
+    two_lists = SteeringVector.from_pairs(llama, TOK, POSITIVE, NEGATIVE, site="layers.1")
+    tuples = SteeringVector.from_pairs(llama, TOK, list(zip(POSITIVE, NEGATIVE, strict=True)),
+                                       site="layers.1")
+    rows = SteeringVector.from_pairs(
+        llama, TOK, [{"positive": p, "negative": n} for p, n in zip(POSITIVE, NEGATIVE,
+                                                                     strict=True)],
+        site="layers.1", method="pca")
+    assert torch.equal(tuples.vector, two_lists.vector)
+    assert tuples.extra == two_lists.extra
+    pca = SteeringVector.from_pairs(llama, TOK, POSITIVE, NEGATIVE, site="layers.1",
+                                    method="pca")
+    assert torch.equal(rows.vector, pca.vector)
+    with pytest.raises(ValueError, match="pair 1 is .*\\(positive, negative\\) tuples"):
+        SteeringVector.from_pairs(llama, TOK, [("w5", "w6"), ("w5", "w6", "w7")],
+                                  site="layers.1")
+    with pytest.raises(ValueError, match="pair 0 is 'w5 w6 w7'"):
+        SteeringVector.from_pairs(llama, TOK, POSITIVE, site="layers.1")  # forgot the negatives
+    with pytest.raises(TypeError, match="list of \\(positive, negative\\) tuples"):
+        SteeringVector.from_pairs(llama, TOK, "w5 w6", site="layers.1")
+
+
+def test_apply_is_steer_with_one_vector(llama):
+    vec = random_vector(llama, "layers.2", 4, norm=5.0)
+    ids, mask = left_padded(PROMPTS)
+    before = count_hooks(llama)
+    with torch.no_grad():
+        plain = llama(input_ids=ids, attention_mask=mask).logits
+        with steer(llama, vec, 3.0, positions=-1):
+            want = llama(input_ids=ids, attention_mask=mask).logits
+            want_gen = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                      do_sample=False, pad_token_id=0)
+        with vec.apply(llama, 3.0, positions=-1) as steering:
+            assert count_hooks(llama) > before and steering.vectors == [vec]
+            got = llama(input_ids=ids, attention_mask=mask).logits
+            got_gen = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                     do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want) and not torch.allclose(got, plain)
+    assert torch.equal(got_gen, want_gen)
+    assert count_hooks(llama) == before
+    with pytest.raises(RuntimeError, match="boom"), vec.apply(llama, torch.tensor([1.0, 0.0])):
+        raise RuntimeError("boom")
+    assert count_hooks(llama) == before
+
+
+def test_repr_says_what_the_vector_is_without_its_values(llama):
+    vec = SteeringVector.from_pairs(llama, TOK, list(zip(POSITIVE, NEGATIVE, strict=True)),
+                                    site="layers.1")
+    text = repr(vec)
+    assert text.startswith("SteeringVector(site='layers.1', method='mean_diff', pairs=4, "
+                           "d_model=32, norm=")
+    assert f"norm={vec.norm:.4g}" in text and "\n" not in text and len(text) < 200
+    assert "tensor(" not in text and f"{float(vec.vector[0]):.4f}" not in text
+    assert "normalized" in repr(vec.normalized_copy())
+
+
 # -- injection ---------------------------------------------------------------------------------
 
 
@@ -312,6 +368,11 @@ def test_plot_png_and_self_contained_html(llama, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = html.read_text()
     assert "data:image/png;base64," in page and "<script src" not in page and "http" not in page
+    assert "Shaded bands: the middle half of the examples" in page  # the plot explained
+    from residtap.steering.plot import save_steerability_plot
+
+    linked = save_steerability_plot(res, html=tmp_path / "side" / "s.html", back="../r.html")
+    assert '<nav><a href="../r.html">' in linked[0].read_text()
 
 
 def test_compare_generations_one_call_matches_single_runs(llama):

@@ -1,6 +1,8 @@
 """Steering vectors: a direction in one site's activation space, where it came from, on disk.
 
-    vec = SteeringVector.from_pairs(model, tok, positive, negative, site="layers.3")
+    vec = SteeringVector.from_pairs(model, tok, [(pos, neg), ...], site="layers.3")
+    with vec.apply(model, 4.0):                                  # = residtap.steer(model, vec, 4.0)
+        model.generate(**batch)
     vec.save("mood.safetensors")
     vec = SteeringVector.load("mood.safetensors", model=model)   # checks it is the same model
 
@@ -30,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,10 @@ from residtap.capture import capture
 from residtap.identity import check_same_model, model_identity, read_safetensors
 from residtap.sites import resolve_site
 from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
+
+if TYPE_CHECKING:
+    from residtap.sites import Arch
+    from residtap.steering.inject import PositionPolicy, Steering
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,23 @@ class SteeringVector:
 
     def __repr__(self) -> str:
         name = (self.model or {}).get("name", "?")
-        return (f"SteeringVector(site={self.site!r}, method={self.method!r}, d={self.d_model}, "
-                f"norm={self.norm:.4g}, model={name!r})")
+        made = f", pairs={self.extra['n_pairs']}" if "n_pairs" in self.extra else ""
+        unit = ", normalized" if self.normalized else ""
+        return (f"SteeringVector(site={self.site!r}, method={self.method!r}{made}, "
+                f"d_model={self.d_model}, norm={self.norm:.4g}{unit}, model={name!r})")
+
+    def apply(self, model: nn.Module, strength: float | Tensor = 1.0, *,
+              positions: PositionPolicy = "all", arch: Arch | None = None) -> Steering:
+        """Add this vector during the forwards run inside a `with` block:
+
+            with vec.apply(model, 4.0):
+                model.generate(**batch)
+
+        The same as `residtap.steer(model, vec, strength, positions=...)` (see it for per-row
+        strengths and positions); the hook is removed when the block ends, even on an error."""
+        from residtap.steering.inject import steer
+
+        return steer(model, self, strength, positions=positions, arch=arch)
 
     # -- making ----------------------------------------------------------------------------
     @classmethod
@@ -97,16 +118,22 @@ class SteeringVector:
         cls,
         model: nn.Module,
         tokenizer: Any,
-        positive: Sequence[str],
-        negative: Sequence[str],
+        positive: Sequence[str] | Sequence[tuple[str, str]],
+        negative: Sequence[str] | None = None,
         site: str = "layers.3",
         position: Literal["last"] | int = "last",
         method: Method = "mean_diff",
         normalize: bool = False,
         batch_size: int = 32,
     ) -> SteeringVector:
-        """The direction from `negative` to `positive` texts (pairs: positive[i] <-> negative[i])
-        at `site`, read at `position` of each text; see the module docstring for `method`."""
+        """The direction from `negative` to `positive` texts at `site`, read at `position` of
+        each text; see the module docstring for `method`. Pairs come as one list of
+        (positive, negative) tuples (or {"positive", "negative"} rows), or as two lists:
+
+            SteeringVector.from_pairs(model, tok, [("i love it", "i hate it"), ...])
+            SteeringVector.from_pairs(model, tok, ["i love it", ...], ["i hate it", ...])"""
+        if negative is None:
+            positive, negative = _split_pairs(positive)
         if method not in ("mean_diff", "pca"):
             raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
         is_index = isinstance(position, int) and not isinstance(position, bool)
@@ -319,6 +346,29 @@ def read_activations(
         got = acts[resolve_site(model, site).name]  # (B, d) or (B, 1, d)
         rows.append(got.reshape(len(chunk), -1).float().cpu())
     return torch.cat(rows)
+
+
+def _split_pairs(pairs: Any) -> tuple[list[str], list[str]]:
+    """[(positive, negative), ...] or [{"positive", "negative"}, ...] -> (positives, negatives)."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(
+            f"expected pairs as a list of (positive, negative) tuples, got "
+            f"{type(pairs).__name__}; or pass two lists: from_pairs(model, tok, positives, "
+            "negatives)"
+        )
+    positives, negatives = [], []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, dict) and {"positive", "negative"} <= pair.keys():
+            pair = (pair["positive"], pair["negative"])
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(
+                f"pair {i} is {pair!r}; with one argument, give (positive, negative) tuples "
+                "(or {'positive', 'negative'} rows); for two lists of texts pass the negatives "
+                "as the next argument"
+            )
+        positives.append(pair[0])
+        negatives.append(pair[1])
+    return positives, negatives
 
 
 def _pca_direction(diffs: Tensor, mean_diff: Tensor) -> Tensor:
