@@ -169,11 +169,14 @@ class Engine:
         self._fired: set[Site] = set()
         self._wanted: set[Site] = set()  # sites of every open block
         self._stop = False
+        self.paused = 0  # > 0 while residtap's own validation forward runs: taps ignore it
         self._signature = inspect.signature(model.forward)
         self._root_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
     # -- step bookkeeping ------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.paused:
+            return
         if args:  # rare: HF callers pass keywords; bind positionals to their names
             kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
         self.step = next_step(self.step, kwargs)
@@ -249,8 +252,11 @@ class _SiteHandler:
         gathered = False
         if self.sharding is not None:
             hidden, gathered = maybe_gather(self.sharding, hidden)
-        flat_shape = hidden.shape if self.site.flat else None
-        if flat_shape is not None:  # (B*T, d) -> (B, T, d)
+        if self.site.copy:  # the model changes this tensor in place after the module returns
+            hidden = hidden.clone()
+        flat_shape = None
+        if hidden.dim() == 2 and hidden.shape[0] == step.batch * step.length > 0:
+            flat_shape = hidden.shape  # (B*T, d) -> (B, T, d): OPT's MLP, BERT-style dense
             hidden = hidden.view(step.batch, step.length, *flat_shape[1:])
         for _, tap_fn in self.taps:
             new = tap_fn(hidden, step)
@@ -263,12 +269,16 @@ class _SiteHandler:
         return hidden, changed
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.engine.paused:
+            return None
         hidden, changed = self._run_taps(hidden_of(output, self.site.field))
         result = with_hidden(output, self.site.field, hidden) if changed else None
         self.engine._site_done(self.site)
         return result
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.engine.paused:
+            return None
         in_args = bool(args)
         hidden, changed = self._run_taps(args[0] if in_args else kwargs.get("hidden_states"))
         self.engine._site_done(self.site)

@@ -1,14 +1,15 @@
 """Deferred logit-lens decode: captured hidden states -> the model's own readout -> statistics.
 
-    readout = readout_of(model)          # final norm, unembedding, soft-cap: from a table
+    readout = readout_of(model)          # final norm, projection, unembedding, logit transform
     stats = decode(hidden, length=T, readout=readout, next_ids=ids, final_slot=-1)
     stats.topk_probs                     # (S, B, T, k) full-vocabulary probabilities
 
 Every (site, position) row goes through exactly what the model applies after its last block:
 the final norm, any projection (OPT's `project_out`), the unembedding and any final logit
-soft-capping (`tanh(logits / cap) * cap` for Gemma 2/3). Which of these an architecture has
-comes from `READOUTS`, an explicit table keyed by `config.model_type`; an unknown model type is
-an error naming what to pass instead (`readout=Readout(...)`), never a guess.
+transform (Gemma 2/3's soft-cap `tanh(logits / cap) * cap`, Cohere's `logit_scale`, Granite's
+`logits_scaling`). Which of these a model has comes from its residtap.arch entry (the one table,
+or discovery), validated on first use: the readout of the last block equals the model's own
+logits, or `readout_of` refuses, naming what disagreed (pass `readout=Readout(...)`).
 
 Rows are decoded in chunks sized by a memory budget, so only one chunk's full-vocabulary logits
 exist at a time. A chunk holds every site of a few positions, so the final layer's
@@ -49,48 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from residtap.arch import Arch, find
+from residtap.discover import logit_transform
 from residtap.distributed import VocabShard, vocab_shard
-from residtap.sites import final_norm
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of full-vocabulary work space per chunk
-
-
-@dataclass(frozen=True)
-class ReadoutRule:
-    """What an architecture applies between its last block and its logits, besides the final
-    norm (found through residtap.sites) and the output embeddings (`get_output_embeddings`).
-
-    softcap:     config attribute holding the final logit soft-cap (None: the model has none)
-    project_out: module path, relative to the base model, applied after the final norm"""
-
-    softcap: str | None = None
-    project_out: str | None = None
-
-
-_PLAIN = ReadoutRule()
-_GEMMA_CAPPED = ReadoutRule(softcap="final_logit_softcapping")
-
-# model_type -> readout rule. Explicit on purpose: an unknown model type raises.
-READOUTS: dict[str, ReadoutRule] = {
-    "llama": _PLAIN,
-    "mistral": _PLAIN,
-    "qwen2": _PLAIN,
-    "qwen3": _PLAIN,
-    "phi3": _PLAIN,
-    "gemma": _PLAIN,
-    "gemma2": _GEMMA_CAPPED,
-    "gemma3_text": _GEMMA_CAPPED,
-    "gpt2": _PLAIN,
-    "gpt_neox": _PLAIN,
-    "opt": ReadoutRule(project_out="decoder.project_out"),
-}
-
-# Config attributes that change logits after the unembedding in some architectures. If one is
-# set on a model whose rule does not account for it, the lens would be silently wrong: raise.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                     "output_multiplier_scale")
 
 
 @dataclass
@@ -100,12 +66,14 @@ class Readout:
     norm:    the final norm (None only for a model without one; pass it explicitly)
     unembed: a Linear-like module with `weight` (V, d) and optional `bias` (V,)
     softcap: final logit soft-cap, or None
-    project: a module applied after the norm and before the unembedding, or None"""
+    project: a module applied after the norm and before the unembedding, or None
+    scale:   a multiplier applied last (Cohere's logit_scale, 1 / Granite's logits_scaling)"""
 
     norm: nn.Module | None
     unembed: nn.Module
     softcap: float | None = None
     project: nn.Module | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         weight = getattr(self.unembed, "weight", None)
@@ -144,40 +112,37 @@ class Readout:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         elif self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.scale is not None and logits.requires_grad:
+            logits = logits * self.scale
+        elif self.scale is not None:
+            logits.mul_(self.scale)
         return logits
 
 
-def readout_of(model: nn.Module) -> Readout:
-    """The model's readout from `READOUTS`; LookupError for a model type it does not list."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    rule = READOUTS.get(model_type)
-    if rule is None:
-        raise LookupError(
-            f"residtap has no logit-lens readout rule for {type(model).__name__} (model_type "
-            f"{model_type!r}); known: {', '.join(sorted(READOUTS))}. Pass the parts yourself: "
-            "readout=residtap.lens.Readout(norm=<final norm>, unembed=<lm head>, softcap=None)"
-        )
-    for attr in _LOGIT_TRANSFORMS:
-        if attr != rule.softcap and getattr(config, attr, None) not in (None, 1, 1.0):
-            raise LookupError(
-                f"{type(model).__name__} sets config.{attr}={getattr(config, attr)!r}, which the "
-                f"readout rule for {model_type!r} does not apply; the lens would not match the "
-                "model's logits. Pass readout=residtap.lens.Readout(...) that applies it"
-            )
+def readout_of(model: nn.Module, arch: Arch | None = None) -> Readout:
+    """The model's own readout, from its residtap.arch entry (table or discovered) once
+    validation showed it reproduces the model's logits; LookupError otherwise."""
+    found = find(model, arch)
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if unembed is None:
         raise LookupError(
             f"{type(model).__name__} has no output embeddings, so there is nothing to lens "
             "through; load the model with AutoModelForCausalLM"
         )
-    softcap = getattr(config, rule.softcap, None) if rule.softcap else None
-    project = None
-    if rule.project_out is not None:
-        parent, _, name = rule.project_out.rpartition(".")
-        project = getattr(model.base_model.get_submodule(parent), name, None)  # None: absent
-    return Readout(norm=final_norm(model), unembed=unembed,
-                   softcap=float(softcap) if softcap is not None else None, project=project)
+    if not found.usable("logits"):
+        raise LookupError(
+            f"residtap cannot reproduce {type(model).__name__}'s logits from its last block "
+            f"(parts {found.origin}): {found.refusal('logits')}. Pass the parts yourself: "
+            "readout=residtap.lens.Readout(norm=<final norm>, unembed=<lm head>, softcap=..., "
+            "project=..., scale=...)"
+        )
+    softcap, scale = logit_transform(model.config, found.arch)
+    paths = found.paths
+    return Readout(
+        norm=model.get_submodule(paths["final_norm"]) if paths["final_norm"] else None,
+        unembed=unembed, softcap=softcap, scale=None if scale == 1.0 else scale,
+        project=model.get_submodule(paths["project_out"]) if paths["project_out"] else None,
+    )
 
 
 @dataclass

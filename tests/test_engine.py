@@ -181,7 +181,7 @@ def test_unknown_site_suggests_close_matches(llama):
         residtap.capture(llama, ["layer.3"])
     with pytest.raises(LookupError, match="has 4 layers"):
         residtap.capture(llama, ["layers.9"])
-    with pytest.raises(LookupError, match="no site table"):
+    with pytest.raises(LookupError, match="found no list of identical transformer blocks"):
         residtap.site_names(torch.nn.Linear(2, 2))
 
 

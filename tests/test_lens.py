@@ -229,7 +229,7 @@ def test_user_errors_say_what_to_do():
         LogitLens(model, ["logits"])
     with pytest.raises(ValueError, match="num_beams"):
         LogitLens(model).capture(batch_ids(1, 4), max_new_tokens=2, num_beams=2)
-    with pytest.raises(LookupError, match="readout rule"):
+    with pytest.raises(LookupError, match="cannot reproduce"):
         readout_of(tiny_model("bert"))
     with pytest.raises(LookupError, match="unknown site"):
         LogitLens(model, ["layer.1"])
