@@ -121,6 +121,16 @@ class Activations:
     def attention_mask(self) -> Tensor | None:
         return self._single_run().mask()
 
+    def __repr__(self) -> str:
+        """Sites with their shapes (positions applied), runs and forward steps; no values."""
+        if not self.runs:
+            return (f"Activations(no forward captured yet, sites={self.sites}, "
+                    f"positions={self.positions!r})")
+        steps = sum(len(r.lengths) for r in self.runs)
+        head = f"runs={len(self.runs)}, forwards={steps}, positions={self.positions!r}"
+        more = "; shapes of run 0" if len(self.runs) > 1 else ""
+        return f"Activations({head}{more}, sites={{{_shapes(RunView(self, self.runs[0]))}}})"
+
 
 class RunView:
     """Lazy {site: tensor} view of one run; the positions policy is applied on access."""
@@ -131,6 +141,9 @@ class RunView:
     def keys(self) -> list[str]:
         return list(self._acts.sites)
 
+    def __repr__(self) -> str:
+        return f"RunView(forwards={len(self._run.lengths)}, sites={{{_shapes(self)}}})"
+
     def __getitem__(self, site: str) -> Tensor:
         if site not in self._acts.sites:
             raise KeyError(f"site {site!r} was not captured; captured: {self._acts.sites}")
@@ -139,6 +152,18 @@ class RunView:
         if isinstance(policy, str) and policy == "all":
             return hidden
         return select_positions(hidden, self._acts._mask_for(self._run, site, hidden), policy)
+
+
+def _shapes(view: RunView) -> str:
+    """"'site': (B, d) float32" for each site of one run, as a repr shows them."""
+    parts = []
+    for site in view.keys():
+        try:
+            t = view[site]
+            parts.append(f"{site!r}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+        except (LookupError, ValueError):  # never fired, or positions that do not apply
+            parts.append(f"{site!r}: not available")
+    return ", ".join(parts)
 
 
 class _Recorder:

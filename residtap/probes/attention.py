@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .linear import ClassWeight, class_weights, log_loss
+from .linear import ClassWeight, class_weights, log_loss, probe_repr
 from .metrics import Labels, classification_metrics, encode_labels
 from .ridge import safe_std
 from .splits import GroupIds, grouped_split, row_split
@@ -70,6 +70,9 @@ class AttentionProbe:
     @property
     def n_outputs(self) -> int:
         return int(self.value.shape[1])
+
+    def __repr__(self) -> str:  # never the weights
+        return probe_repr(self, f"heads={self.n_heads}, position={self.position!r}")
 
     def attention(self, x: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         """Attention weights (N, H, T); zero at padded positions."""

@@ -74,6 +74,9 @@ class Probe:
     def n_outputs(self) -> int:
         return int(self.weight.shape[0])
 
+    def __repr__(self) -> str:  # never the weights: what it is, where it reads, how it scored
+        return probe_repr(self, f"outputs={self.n_outputs}")
+
     def to(self, device: torch.device | str) -> Probe:
         return replace(self, weight=self.weight.to(device), bias=self.bias.to(device))
 
@@ -117,6 +120,25 @@ class Probe:
 
 # ---------------------------------------------------------------------------------------------
 # in-memory training
+
+
+def probe_repr(probe: Any, shape: str) -> str:
+    """`Kind(kind=..., site=..., d_model=..., classes=..., test_accuracy=..., model=...)`: the
+    shared repr of probe classes; `shape` says what the weights are without printing them."""
+    parts = [f"kind={probe.kind!r}", f"site={probe.site!r}", f"d_model={probe.d_model}", shape]
+    if probe.classes:
+        shown = probe.classes if len(probe.classes) <= 8 else [*probe.classes[:8], "..."]
+        parts.append(f"classes={shown!r}")
+    if probe.label_column is not None:
+        parts.append(f"label={probe.label_column!r}")
+    for split in ("test", "val", "train"):
+        scores = probe.metrics.get(split) or {}
+        name = next((m for m in ("accuracy", "r2", "mse") if m in scores), None)
+        if name is not None and isinstance(scores[name], (int, float)):
+            parts.append(f"{split}_{name}={scores[name]:.4g}")
+    if probe.model:
+        parts.append(f"model={probe.model.get('name', '?')!r}")
+    return f"{type(probe).__name__}({', '.join(parts)})"
 
 
 def train_probe(

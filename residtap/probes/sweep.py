@@ -280,6 +280,14 @@ class SweepResult:
     chance: float | None = None  # majority-class accuracy on the test rows
     probes: dict[str, Probe] = field(default_factory=dict, repr=False)
 
+    def __repr__(self) -> str:  # one line: no per-site metric dicts, no probe weights
+        try:
+            best = f"best={self.best_site!r} ({self.metric} {self.best.test[self.metric]:.4g})"
+        except ValueError:
+            best = "best=None"
+        return (f"SweepResult(label={self.label_column!r}, kind={self.kind!r}, "
+                f"sites={len(self.sites)}, {best}, chance={self.chance}, store={self.store!r})")
+
     @property
     def best(self) -> SiteScores:
         """The site with the highest held-out `metric` (the first one on ties)."""
