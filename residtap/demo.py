@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import residtap
-from residtap.report.page import Figure, Report, Section
+from residtap.report.page import Figure, Link, Report, Section
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
 # -- 1 + 2: capture a store per labelled set, sweep probes by layer ---------------------------
 def _probes(inputs: DemoInputs, out: Path, max_samples: int, progress: bool):
     from residtap.probes.sweep import sweep
-    from residtap.report.plots import line_png
+    from residtap.report.plots import line_html, line_png
 
     model, tok = inputs.model, inputs.tokenizer
     sites = ["embed", *residtap.layer_sites(model)]
@@ -130,16 +130,37 @@ def _probes(inputs: DemoInputs, out: Path, max_samples: int, progress: bool):
                                  progress=progress)
         sweeps[name] = sweep(store, "label", progress=False)
     series = {name: [s.score(site) for site in sites] for name, s in sweeps.items()}
-    png = line_png(out / "probes.png", sites, series, xlabel="site", ylabel="held-out accuracy",
-                   title="What is decodable where: one linear probe per layer and latent")
-    rows = [{"latent": n, **_sweep_summary(s)} for n, s in sweeps.items()]
+    plot = dict(xlabel="site", ylabel="held-out accuracy",
+                title="What is decodable where: one linear probe per layer and latent")
+    png = line_png(out / "probes.png", sites, series, **plot)
+    line_html(out / "probes.html", sites, series, **plot, back="report.html")
+    rows = [{"latent": n, "readable from": _readable_from(s), "best site": s.best_site,
+             "best accuracy": s.score(s.best_site), "embed accuracy": s.score("embed"),
+             "chance": s.chance} for n, s in sweeps.items()]
+    readable = ", ".join(f"{r['latent']} from {r['readable from']} ({r['best accuracy']:.2f})"
+                         for r in rows)
+    at_chance = all(abs(r["embed accuracy"] - (r["chance"] or 0)) <= 0.05 for r in rows)
+    embed = ("stays at chance" if at_chance else
+             f"reaches up to {max(r['embed accuracy'] for r in rows):.2f}")
+    lead = (f"Held-out accuracy of one linear probe per layer and latent: {readable}, while "
+            f"the token embedding alone {embed}.")
     text = ("Each labelled set was run through the model once; every layer's residual stream at "
             "each text's last token went to an on-disk store (safetensors shards). One logistic "
             "probe per layer was trained on the train split and scored on the held-out test "
-            "split (split by text). 'embed' is the token embedding alone: at the last token it "
-            "carries no label, so its accuracy is near chance.")
-    return sweeps, Section("Probes by layer", text=text, table=rows,
-                           figures=[Figure(png, "held-out accuracy by layer", id="probe-plot")])
+            "split (split by text). 'Readable from' is the first site within 0.02 of the "
+            "latent's best accuracy. 'embed' is the token embedding alone: at the last token it "
+            "carries no label, so its accuracy should be near chance.")
+    return sweeps, Section(
+        "Probes by layer", lead=lead, text=text, table=rows,
+        links=[Link("probes.html", "interactive plot (probes.html)")],
+        figures=[Figure(png, "Held-out accuracy by site, one line per latent; chance is 0.5 "
+                             "for the binary latents (topic has 4 classes: 0.25).",
+                        id="probe-plot")])
+
+
+def _readable_from(s) -> str:
+    best = s.score(s.best_site)
+    return next(site for site in s.site_names if s.score(site) >= best - 0.02)
 
 
 def _sweep_summary(s) -> dict[str, Any]:
@@ -148,6 +169,11 @@ def _sweep_summary(s) -> dict[str, Any]:
 
 
 # -- 3: runtime probes and early exit --------------------------------------------------------
+def _threshold_label(threshold: float | None) -> str:
+    """How the plot and the table name a threshold: 'off' is full generation."""
+    return "off" if threshold is None else f"{threshold:g}"
+
+
 def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
     from residtap.probes.early_exit import early_exit_curve
     from residtap.report.plots import line_png
@@ -163,28 +189,54 @@ def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
     thresholds = [8.0, 6.0, 4.0, 2.0]
     curve = early_exit_curve(inputs.model, inputs.tokenizer, prompts, labels, bank, "truth",
                              thresholds, classes=inputs.classes, patience=1, max_new_tokens=12)
-    x = [f"{c['threshold']}" if c["threshold"] is not None else "off" for c in curve]
+    x = [_threshold_label(c["threshold"]) for c in curve]
     png = line_png(out / "early_exit.png", x, {
         "answer accuracy": [c["accuracy"] for c in curve],
         "tokens saved (fraction)": [c["tokens_saved_frac"] for c in curve],
-    }, xlabel="probe threshold (|logit|)", ylabel="fraction",
+    }, xlabel="probe threshold (|logit|); off = full generation", ylabel="fraction",
         title="Early exit driven by the truth probe")
+    table = [{"probe threshold (|logit|)": label, "answer accuracy": c["accuracy"],
+              "new tokens per row": c["tokens"], "tokens saved": _pct(c["tokens_saved_frac"], 0),
+              "rows stopped by the probe": _pct(c["stopped_frac"], 0)}
+             for label, c in zip(x, curve, strict=True)]
+    full, best = curve[0], _best_exit(curve)
+    if best is None:
+        outcome = "no threshold saves tokens without losing more than 0.02 accuracy"
+    else:
+        outcome = (f"at |logit| > {_threshold_label(best['threshold'])} it saves "
+                   f"{_pct(best['tokens_saved_frac'], 0)} of the generated tokens at accuracy "
+                   f"{best['accuracy']:.2f}")
+    lead = (f"Answer accuracy against generated tokens saved when the truth probe may stop "
+            f"generation early: {outcome}, against accuracy {full['accuracy']:.2f} with full "
+            "generation ('off').")
     text = (f"The truth probe ({truth.best_site}) was packed into a ProbeBank: one matmul per "
             "site, scores written into a preallocated buffer during generate. Generation of "
             f"{len(prompts)} held-out statements starts at the first filler word; a row stops as "
             "soon as the probe's |score| passes the threshold and answers with the probe's "
             "class. 'off' is full generation, where the model writes its own verdict.")
-    return curve, Section("Runtime probes and early exit", text=text, table=curve,
-                          figures=[Figure(png, "tokens saved vs accuracy", id="early-exit")])
+    return curve, Section(
+        "Runtime probes and early exit", lead=lead, text=text, table=table,
+        figures=[Figure(png, "Answer accuracy and the fraction of generated tokens saved, by "
+                             "threshold; 'off' is full generation.", id="early-exit")])
+
+
+def _best_exit(curve: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The threshold saving the most tokens within 0.02 of full generation's accuracy."""
+    good = [c for c in curve[1:] if c["accuracy"] >= curve[0]["accuracy"] - 0.02
+            and c["tokens_saved_frac"] > 0]
+    return max(good, key=lambda c: c["tokens_saved_frac"]) if good else None
 
 
 # -- 4: logit lens ---------------------------------------------------------------------------
 def _lens(inputs: DemoInputs, out: Path):
+    from residtap.lens_plot import heatmap_svg, write_html
+
     if not inputs.lens_prompts:
         return None, None
     model, tok, prompts = inputs.model, inputs.tokenizer, list(inputs.lens_prompts[:1])
     result = residtap.run_lens(model, tok, prompts, max_new_tokens=10, top_k=5)
     paths = result.save(out / "lens")
+    write_html(result, paths["html"], back="../report.html")  # the same page, linking back
     real = result.attention_mask[0].bool()
     kl = result.kl[:, 0][:, real].mean(dim=1)  # (L,)
     rows = [{"site": s, "mean KL to final (nats)": round(float(v), 4),
@@ -192,10 +244,9 @@ def _lens(inputs: DemoInputs, out: Path):
             for s, v, e in zip(result.sites, kl, result.entropy[:, 0].mean(dim=1), strict=True)]
     text = ("Every layer's residual stream was captured into preallocated buffers during one "
             "generate call with the KV cache, then decoded afterwards in chunked batches through "
-            "the model's own final norm and unembedding, with full-vocabulary probabilities. "
-            "Predictions converge with depth: KL to the final layer falls. The interactive "
-            f"version is {paths['html'].name} beside this report.")
+            "the model's own final norm and unembedding, with full-vocabulary probabilities.")
     summary = {"sites": result.sites, "kl_by_layer": [r["mean KL to final (nats)"] for r in rows]}
+    tuned_clause = ""
     if inputs.labelled:  # a tuned lens, trained on every position of the first labelled set
         name, data = next(iter(inputs.labelled.items()))
         t = time.perf_counter()
@@ -212,26 +263,39 @@ def _lens(inputs: DemoInputs, out: Path):
         summary["tuned_kl_by_layer"] = [r["tuned lens KL (nats)"] for r in rows]
         text += (f" A tuned lens (one affine translator per layer, trained on {len(store)} "
                  f"positions of {name!r} in {seconds:.0f} s, checked on held-out texts) reads "
-                 "the early layers much closer to the final distribution.")
-    return summary, Section("Logit lens", text=text, table=rows,
-                            figures=[Figure(paths["png"], "top-1 token per layer and position",
-                                            id="lens-heatmap")])
+                 "each layer through a learned translation instead of the raw residual stream.")
+        tuned_clause = (f", and a tuned lens reads {rows[0]['site']} at "
+                        f"{rows[0]['tuned lens KL (nats)']:.2f}")
+    first, before_last = rows[0], rows[-2] if len(rows) > 1 else rows[0]
+    lead = (f"What each layer would predict as the next token if the model stopped there: KL "
+            f"to the final prediction falls from {first['mean KL to final (nats)']:.2f} nats "
+            f"at {first['site']} to {before_last['mean KL to final (nats)']:.3f} at "
+            f"{before_last['site']}{tuned_clause}.")
+    caption = ("Rows: sites, last layer on top; columns: input tokens (generated ones in red). "
+               "Each cell is the logit lens's top-1 guess for the next token, bold where it is "
+               "the token that came next; colour: its probability. Hover a cell for its top-5.")
+    links = [Link("lens/lens.html", "interactive lens (lens/lens.html)"),
+             Link("lens/lens.png", "heatmap PNG"), Link("lens/lens.json", "data (JSON)")]
+    figure = Figure(svg=heatmap_svg(result, 0, "prob", chars=6), caption=caption,
+                    id="lens-heatmap")
+    return summary, Section("Logit lens", lead=lead, text=text, table=rows, links=links,
+                            figures=[figure])
 
 
 # -- 5: steering -----------------------------------------------------------------------------
 def _steering(inputs: DemoInputs, site: str, out: Path, progress: bool):
     from residtap.steering.generation import compare_generations
+    from residtap.steering.plot import reading, save_steerability_plot
 
     if inputs.pairs is None or inputs.ab is None:
         return None, None
-    pairs = read_jsonl(inputs.pairs)
-    vec = residtap.SteeringVector.from_pairs(
-        inputs.model, inputs.tokenizer, [p["positive"] for p in pairs],
-        [p["negative"] for p in pairs], site=site)
+    pairs = [(p["positive"], p["negative"]) for p in read_jsonl(inputs.pairs)]
+    vec = residtap.SteeringVector.from_pairs(inputs.model, inputs.tokenizer, pairs, site=site)
     strengths = [-1.0, -0.5, 0.0, 0.5, 1.0]
     result = residtap.steerability(inputs.model, inputs.tokenizer, read_jsonl(inputs.ab), vec,
                                    strengths, positions=-1, progress=progress)
-    png = result.save_plot(out / "steering.png", out / "steering.html")[0]
+    png = save_steerability_plot(result, out / "steering" / "steering.png",
+                                 out / "steering" / "steering.html", back="../report.html")[0]
     stats = result.summary()
     gens = compare_generations(inputs.model, inputs.tokenizer, list(inputs.steer_prompts), vec,
                                strengths=[-1.0, 0.0, 1.0], max_new_tokens=10)
@@ -239,13 +303,26 @@ def _steering(inputs: DemoInputs, site: str, out: Path, progress: bool):
             f"{vec.norm:.1f}) was added after each prompt. A whole sweep of strengths ran as "
             "batched rows, each row with its own strength. Per-example slopes of propensity "
             "(logit of the matching answer minus the other) against strength are compared "
-            "with a random direction of the same norm.")
-    keys = ("mean", "std", "median", "iqr", "wrong_way", "mean_curve_r2")
-    rows = [{"direction": name.replace("_", " "), **{k: round(stats[name][k], 4) for k in keys}}
+            "with a random direction of the same norm. Below the table: generations from the "
+            "same prompts at strengths -1, 0 and +1.")
+    keys = {"mean": "mean slope", "std": "std", "median": "median", "iqr": "IQR",
+            "wrong_way": "wrong way", "mean_curve_r2": "R² of mean curve"}
+    rows = [{"direction": name.replace("_", " "),
+             **{label: round(stats[name][k], 4) for k, label in keys.items()}}
             for name in ("vector", "random_baseline") if name in stats]
+    v, r = stats["vector"], stats.get("random_baseline")
+    lead = (f"How far the mood vector moves the model's A/B answer per unit of strength: mean "
+            f"slope {v['mean']:.2f} logits ({_pct(v['wrong_way'], 0)} of examples the wrong "
+            "way)")
+    if r is not None:
+        by_direction = abs(v["mean"]) > 3 * abs(r["mean"]) and v["wrong_way"] < 0.1
+        lead += (f" against {r['mean']:.2f} for a random direction of the same norm, so "
+                 + ("the effect comes from the direction, not from the size of the push"
+                    if by_direction else "the vector is not clearly better than a random push"))
     return {"site": site, **stats}, Section(
-        "Steering", text=text, table=rows, pre=_format_generations(gens),
-        figures=[Figure(png, "propensity against strength", id="steering-curve")])
+        "Steering", lead=lead + ".", text=text, table=rows, pre=_format_generations(gens),
+        links=[Link("steering/steering.html", "steering page (steering/steering.html)")],
+        figures=[Figure(png, reading(result), id="steering-curve")])
 
 
 def _format_generations(gens: list[dict[str, Any]]) -> str:
@@ -284,29 +361,35 @@ def _cost(inputs: DemoInputs, sweeps: dict, out: Path):
                               positions="generated", batch_size=8, new_tokens=new,
                               dtype_bytes=4, hardware="cpu").to_dict()
     inside = run.tap_seconds / gen_s
+    floor = predicted.get("arithmetic_overhead")
     rows = [
         {"quantity": "probes read per token", "value": 100 * n_layers},
-        {"quantity": "arithmetic floor (probe FLOPs / forward FLOPs)",
-         "value": _pct(predicted.get("arithmetic_overhead"))},
+        {"quantity": "arithmetic floor (probe FLOPs / forward FLOPs)", "value": _pct(floor)},
         {"quantity": "bytes overhead (predicted)", "value": _pct(predicted.get("bytes_overhead"))},
         {"quantity": "time inside residtap's bank taps / generate (measured)",
          "value": _pct(inside)},
         {"quantity": "generate seconds (batch 8, 32 new tokens, measured)",
          "value": round(gen_s, 3)},
     ]
-    text = ("What the runtime probes cost on this model: the arithmetic floor is the probes' "
-            "FLOPs against the forward's; the measured number is the time spent inside residtap's "
-            "own packed-probe taps during one generate call. On a model this small (a few "
-            "million parameters) a forward takes milliseconds, so the fixed cost of one Python "
-            "hook call per layer is comparable to the probe arithmetic; on models of practical "
-            "size it is negligible against the forward. bench/ and BENCHMARKS.md hold the "
-            "side-by-side comparison with naive per-probe hooks on a larger model.")
+    lead = (f"What runtime probes cost on this model: {100 * n_layers} probes per token have an "
+            f"arithmetic floor of {_pct(floor, 2)} of the forward's FLOPs, and "
+            f"{_pct(inside, 2)} of generate time was measured inside residtap's taps")
+    if isinstance(floor, (int, float)) and inside > floor:
+        lead += (", above the floor: on a model this small the per-layer hook call weighs more "
+                 "than the arithmetic")
+    text = ("The arithmetic floor is the probes' FLOPs against the forward's; the measured "
+            "number is the time spent inside residtap's own packed-probe taps during one "
+            "generate call. On a model this small (a few million parameters) a forward takes "
+            "milliseconds, so the fixed cost of one Python hook call per layer is comparable to "
+            "the probe arithmetic; on models of practical size it is negligible against the "
+            "forward. bench/ and BENCHMARKS.md hold the side-by-side comparison with naive "
+            "per-probe hooks on a larger model.")
     summary = {"predicted": predicted, "measured_inside_fraction": inside, "generate_s": gen_s}
-    return summary, Section("Cost", text=text, table=rows, id="cost-table")
+    return summary, Section("Cost", lead=lead + ".", text=text, table=rows, id="cost-table")
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.3f}%" if isinstance(v, (int, float)) else str(v)
+def _pct(v: Any, digits: int = 3) -> str:
+    return f"{100 * v:.{digits}f}%" if isinstance(v, (int, float)) else str(v)
 
 
 def terminal_summary(summary: dict[str, Any]) -> str:
