@@ -15,7 +15,9 @@ from residtap.store import extract
 
 
 def main(model_dir: str, data: str, out: str, shard_rows: str, sleep_s: str) -> None:
-    torch.set_num_threads(1)
+    # As many threads as conftest gives the test process: the matmuls' reduction order (and so
+    # the activations' last bits) depends on it, and resume is checked byte for byte.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tokenizer = load_model(model_dir)
     delay = float(sleep_s)
     model.register_forward_pre_hook(lambda module, args: time.sleep(delay))  # slow each forward

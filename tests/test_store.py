@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -366,7 +367,8 @@ def test_cli_capture_json(tmp_path, capsys):
     assert summary["sites"]["layers.1"] == {"shape": [32], "dtype": "bfloat16"}
     store = Store.open(tmp_path / "s")
     assert store.labels() == [r["label"] for r in rows]
-    assert main(argv[:-1] + ["--positions", "all"]) == 2  # other settings: refused
+    other = [("all" if a == "last" else a) for a in argv[:-1]]  # --positions all
+    assert main(other) == 2  # other settings: refused
     assert "overwrite" in capsys.readouterr().err
     assert main(["capture", str(tmp_path / "m"), "--data", str(data), "--sites", "layers.9",
                  "--out", str(tmp_path / "t")]) == 2
@@ -414,3 +416,307 @@ def test_unpadded_batches_match_capture(tmp_path):
         model(input_ids=ids)
     for s in SITES:
         torch.testing.assert_close(store[s], acts[s].reshape(-1, 32), atol=1e-5, rtol=1e-4)
+
+
+# -- trust (issue 15): identity, paths, counts, dtypes, locks, damaged files, bad data ----------
+def test_resume_with_another_checkpoint_of_the_same_config_is_refused(tmp_path):
+    model, other, tok, rows = tiny_model("llama"), tiny_model("llama", seed=1), word_tokenizer(), \
+        texts(8)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):  # interrupted after the first shard
+        handle = model.register_forward_pre_hook(_interrupt_after(3))
+        try:
+            extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+        finally:
+            handle.remove()
+    before = _bytes(out)
+    for complete in (False, True):
+        with pytest.raises(ValueError, match="other weights.*another checkpoint.*overwrite"):
+            extract(other, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+        assert _bytes(out) == before
+        if not complete:
+            extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+            before = _bytes(out)
+    replaced = extract(other, tok, rows, SITES, out, batch_size=2, shard_rows=4,
+                       overwrite=True, progress=False)
+    fresh = extract(other, tok, rows, SITES, tmp_path / "fresh", batch_size=2, shard_rows=4,
+                    progress=False)
+    assert torch.equal(replaced["layers.2"], fresh["layers.2"])
+
+
+def _interrupt_after(n: int):
+    seen = []
+
+    def hook(module, args):
+        seen.append(1)
+        if len(seen) == n:
+            raise KeyboardInterrupt
+    return hook
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_store_made_before_weights_fingerprints_still_opens_and_resumes(tmp_path, caplog):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(6)
+    out = tmp_path / "s"
+    full = extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["model"]["weights_fingerprint"]  # as residtap wrote it before
+    manifest["shards"], manifest["rows"], manifest["complete"] = manifest["shards"][:1], \
+        manifest["shards"][0]["rows"], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        resumed = extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4,
+                          progress=False)
+    assert "not recorded" in caplog.text
+    assert resumed.complete and torch.equal(resumed["layers.0"], full["layers.0"])
+
+
+def _tamper(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("path", ["../../etc/hostname", "/etc/hostname", "link/x",
+                                  "sub/../../outside.safetensors"])
+@pytest.mark.parametrize("key", ["file", "samples_file"])
+def test_manifest_paths_outside_the_store_are_refused(tmp_path, path, key):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(4)
+    out = tmp_path / "s"
+    extract(model, tok, rows, SITES, out, progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "x").write_bytes((out / "shard-00000.safetensors").read_bytes())
+
+    def point_elsewhere(m):
+        m["shards"][0][key] = path
+    _tamper(out, point_elsewhere)
+    with pytest.raises(ValueError, match=f"{re.escape(repr(path))}.*outside the store"):
+        Store.open(out)
+
+
+def test_data_parallel_part_paths_are_checked_too(tmp_path):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(4)
+    out = tmp_path / "s"
+    extract(model, tok, rows, SITES, out, progress=False)
+    _tamper(out, lambda m: m.update(parts=["../s2"]))
+    with pytest.raises(ValueError, match="'../s2'.*outside the store"):
+        Store.open(out)
+
+
+@pytest.mark.parametrize("where", ["shard", "total"])
+def test_wrong_row_counts_in_the_manifest_are_refused(tmp_path, where):
+    """Before: rows_of / dataset[i] returned other rows than asked, silently."""
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(9)
+    out = tmp_path / "s"
+    extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=7, progress=False)
+
+    def miscount(m):
+        m["shards"][0]["rows"] -= 1
+        if where == "shard":
+            m["rows"] -= 1
+    _tamper(out, miscount)
+    match = "shard 0 file.*is \\[\\d+, 32\\].*manifest says" if where == "shard" else \
+        "'rows' is"
+    with pytest.raises(ValueError, match=match):
+        Store.open(out)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "bool", "int32", "float8_e4m3fn"])
+def test_only_floating_storage_dtypes_are_accepted(tmp_path, dtype, capsys):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(3)
+    with pytest.raises(ValueError, match=f"floating dtype.*got {dtype}"):
+        extract(model, tok, rows, SITES, tmp_path / "s", dtype=dtype, progress=False)
+    assert not (tmp_path / "s").exists()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["capture", str(tmp_path / "m"), "--data", str(data), "--sites", "layers.0",
+                 "--out", str(tmp_path / "s"), "--dtype", dtype]) == 2
+    assert "floating dtype" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_second_capture_into_a_locked_folder_is_refused_naming_the_holder(tmp_path):
+    """Two captures in one process (two threads): the second is refused while the first
+    writes, with the holder's pid; --overwrite is refused too; afterwards the lock is gone."""
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(6)
+    out = tmp_path / "s"
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def slow(module, args):
+        if (out / ".residtap.lock").exists():  # a forward of the capture (not of a site check)
+            started.set()
+            release.wait(30)
+
+    handle = model.register_forward_pre_hook(slow)
+    first = threading.Thread(target=lambda: extract(model, tok, rows, SITES, out,
+                                                    progress=False))
+    first.start()
+    try:
+        assert started.wait(30)
+        other = tiny_model("llama", seed=2)
+        for kwargs in ({}, {"overwrite": True, "positions": "last"}):
+            try:
+                extract(other, tok, rows, SITES, out, progress=False, **kwargs)
+            except ValueError as err:
+                errors.append(str(err))
+    finally:
+        release.set()
+        first.join()
+        handle.remove()
+    assert len(errors) == 2
+    for err in errors:
+        assert f"pid {os.getpid()} on host" in err and "another capture" in err
+    store = Store.open(out)
+    assert store.complete and not (out / ".residtap.lock").exists()
+    assert torch.equal(store["layers.0"], reference(model, tok, rows, ["layers.0"], "all", 8)[
+        "layers.0"])
+
+
+def _shard_file(out: Path) -> Path:
+    return out / "shard-00000.safetensors"
+
+
+DAMAGE = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-40]), "is truncated"),
+    "corrupt-header": (lambda p: p.write_bytes(p.read_bytes()[:8] + b"{nonsense" +
+                                               p.read_bytes()[17:]), "corrupt safetensors"),
+    "pickle": (lambda p: torch.save({"layers.0": torch.zeros(3, 32)}, p),
+               "not a safetensors file.*pickle"),
+    "missing-tensor": (lambda p: _rewrite_shard(p, drop="layers.2"), "has no tensor 'layers.2'"),
+    "width": (lambda p: _rewrite_shard(p, widen="layers.0"),
+              "tensor 'layers.0' is \\[\\d+, 33\\]"),
+    "lost": (lambda p: p.unlink(), "missing.*re-run the same capture"),
+}
+
+
+def _rewrite_shard(path: Path, drop: str | None = None, widen: str | None = None) -> None:
+    from safetensors.torch import save_file
+    tensors = load_file(path)
+    if drop:
+        del tensors[drop]
+    if widen:
+        tensors[widen] = torch.cat([tensors[widen], tensors[widen][:, :1]], 1)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_shards_give_clear_errors_and_a_rerun_repairs_them(tmp_path, damage):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(6)
+    out = tmp_path / "s"
+    full = extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+    want = _bytes(out)
+    change, match = DAMAGE[damage]
+    change(_shard_file(out))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        Store.open(out)
+    assert main(["compare", str(out)]) == 2  # the CLI says it in one line too
+    repaired = extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4,
+                       progress=False)
+    assert repaired.complete and _bytes(out) == want
+    assert torch.equal(repaired["layers.2"], full["layers.2"])
+
+
+@pytest.mark.parametrize("damage", ["json", "counts", "not-a-list", "samples-json",
+                                    "samples-count"])
+def test_damaged_manifest_and_samples_files_give_clear_errors(tmp_path, damage):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(6)
+    out = tmp_path / "s"
+    extract(model, tok, rows, SITES, out, batch_size=2, shard_rows=4, progress=False)
+    samples = out / "shard-00000.samples.jsonl"
+    if damage == "json":
+        (out / "manifest.json").write_text('{"format": "residtap.store", "vers')
+        match = "not valid JSON"
+    elif damage == "counts":
+        _tamper(out, lambda m: m["shards"][1].update(first_sample=0))
+        match = "shard 1 starts at sample 0"
+    elif damage == "not-a-list":
+        _tamper(out, lambda m: m.update(shards={"0": "x"}))
+        match = "'shards' is .*expected a list"
+    elif damage == "samples-json":
+        samples.write_text(samples.read_text().replace("}", "", 1))
+        match = "samples.jsonl:1 is not valid JSON"
+    else:
+        samples.write_text(samples.read_text().splitlines()[0] + "\n")
+        match = "holds 1 records but the manifest lists"
+    with pytest.raises(ValueError, match=match):
+        Store.open(out).samples
+
+
+def test_read_only_or_file_outputs_are_refused_before_any_forward(tmp_path):
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(3)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot be created.*is a file"):
+        extract(model, tok, rows, SITES, tmp_path / "file" / "s", progress=False)
+    if os.geteuid() == 0:  # root writes into read-only folders, so use a place nobody writes
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no read-only folder to write into")
+        readonly = Path("/proc/self/residtap-store")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        readonly = tmp_path / "ro" / "s"
+    with pytest.raises(ValueError, match="not writable"):
+        extract(model, tok, rows, SITES, readonly, progress=False)
+    assert forwards == []
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=f"token id {VOCAB}.*embedding has {VOCAB} rows"):
+        extract(model, None, [[5, 6], [7, VOCAB]], SITES, tmp_path / "s", progress=False)
+    tok = word_tokenizer()
+    tok.add_tokens(["brandnew"])  # a tokenizer with an id the model has no embedding for
+    with pytest.raises(ValueError, match=f"tokenizes to id {VOCAB}.*own tokenizer"):
+        extract(model, tok, ["w1 brandnew", "w2"], SITES, tmp_path / "t", progress=False)
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    model, tok = tiny_model("llama"), word_tokenizer()
+    for suffix, body in ((".jsonl", b'{"text": "w1"}\n{"text": "w2 \xe9t\xe9"}\n'),
+                         (".txt", b"w1\nw2\n\xff w3\n"), (".csv", b"text\nw1\nw2 \xe9\n")):
+        path = tmp_path / f"d{suffix}"
+        path.write_bytes(body)
+        line = 3 if suffix != ".jsonl" else 2
+        with pytest.raises(ValueError, match=f"d{re.escape(suffix)}:{line} is not UTF-8"):
+            extract(model, tok, path, SITES, tmp_path / "s", progress=False)
+
+
+def test_a_text_longer_than_the_model_is_refused_before_any_forward(tmp_path, capsys):
+    model, tok = tiny_model("llama"), word_tokenizer()
+    limit = model.config.max_position_embeddings
+    lengths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True)
+    huge = " ".join(["w5"] * (limit + 1))  # one token more than the model has positions
+    with pytest.raises(ValueError, match=f"is {limit + 1} tokens long.*max_length={limit}"):
+        extract(model, tok, ["w1 w2", huge], SITES, tmp_path / "s", progress=False)
+    assert max(lengths, default=0) < limit  # no forward of the long text
+    store = extract(model, tok, ["w1 w2", huge], SITES, tmp_path / "s", max_length=8,
+                    progress=False)
+    assert len(store) == 2 + 8
+
+
+def test_ragged_csv_rows_whitespace_texts_and_mixed_labels_are_refused(tmp_path):
+    model, tok = tiny_model("llama"), word_tokenizer()
+    cases = {
+        "ragged.csv": ("text,label\nw1 w2,1\nw3,1,extra\n", "ragged.csv:3 has 3 fields but the "
+                                                           "header has 2"),
+        "short.csv": ("text,label\nw1 w2,1\nw3\n", "short.csv:3 has 1 fields"),
+        "blank.jsonl": ('{"text": "w1"}\n{"text": "  \\t "}\n', "row 1 .*whitespace-only"),
+        "mixed.jsonl": ('{"text": "w1", "label": true}\n{"text": "w2", "label": 1}\n',
+                        "column 'label' .*mixes label types: bool \\(True at row 0\\), number"),
+        "mixed2.jsonl": ('{"text": "w1", "label": "a"}\n{"text": "w2", "label": 1}\n',
+                         "mixes label types: string"),
+    }
+    for name, (body, match) in cases.items():
+        (tmp_path / name).write_text(body)
+        with pytest.raises(ValueError, match=match):
+            extract(model, tok, tmp_path / name, SITES, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()

@@ -59,7 +59,42 @@ def load_samples(data: Any, text_column: str = "text", max_samples: int | None =
         rows = rows[:max_samples]
     if not rows:
         raise ValueError(f"the data set {source} is empty; give at least one text")
-    return [_sample(i, row, text_column, source) for i, row in enumerate(rows)]
+    samples = [_sample(i, row, text_column, source) for i, row in enumerate(rows)]
+    _check_column_kinds(samples, source)
+    return samples
+
+
+def check_one_label_kind(values: list[Any], where: str) -> None:
+    """ValueError when `values` mix kinds of labels: bools, numbers, strings, None. (True == 1
+    in Python, so `True` and `1` would silently become one class.)"""
+    first: dict[str, tuple[int, Any]] = {}
+    for i, v in enumerate(values):
+        first.setdefault(_label_kind(v), (i, v))
+    if len(first) > 1:
+        seen = ", ".join(f"{kind} ({v!r} at row {i})" for kind, (i, v) in first.items())
+        raise ValueError(
+            f"{where} mixes label types: {seen}; Python counts True == 1, so such labels "
+            "merge or split classes silently. Give every row the same type (e.g. all 0/1)"
+        )
+
+
+def _label_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else "string" if isinstance(value, str) else "other"
+
+
+def _check_column_kinds(samples: list[Sample], source: str) -> None:
+    """The label column holds one kind of value; no column mixes bools with numbers (null,
+    a missing value, is allowed beside any kind)."""
+    columns = {key for s in samples for key in s.meta}
+    for column in sorted(columns):
+        values = [s.meta[column] for s in samples if s.meta.get(column) is not None]
+        kinds = {_label_kind(v) for v in values}
+        if column == "label" or {"bool", "number"} <= kinds:
+            check_one_label_kind(values, f"column {column!r} of {source}")
 
 
 def fingerprint(samples: list[Sample]) -> str:
@@ -100,37 +135,83 @@ def _file_rows(path: Path, limit: int | None) -> list[Any]:
     if path.is_dir():
         raise ValueError(f"data {str(path)!r} is a folder; pass a .jsonl, .json, .csv or .txt file")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".txt"):
+        raise ValueError(
+            f"data file {str(path)!r} has suffix {suffix!r}; expected .jsonl, .json, .csv or "
+            ".txt (or pass a list of strings)"
+        )
     rows: list[Any] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n} is not valid JSON ({err})") from err
-        elif suffix == ".json":
-            try:
-                loaded = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err})") from err
-            if not isinstance(loaded, list):
-                raise ValueError(
-                    f"{path} holds a JSON {type(loaded).__name__}; expected a list of objects "
-                    "or strings (or use .jsonl, one object per line)"
-                )
-            rows = loaded
-        elif suffix == ".csv":
-            rows = list(_take(csv.DictReader(f), limit))
-        elif suffix == ".txt":
-            rows = list(_take((ln.rstrip("\r\n") for ln in f if ln.strip()), limit))
-        else:
+    if suffix == ".jsonl":
+        for n, line in _utf8_lines(path):
+            if limit is not None and len(rows) >= limit:
+                break
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n} is not valid JSON ({err})") from err
+    elif suffix == ".json":
+        text = "".join(line for _, line in _utf8_lines(path))
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from err
+        if not isinstance(loaded, list):
             raise ValueError(
-                f"data file {str(path)!r} has suffix {suffix!r}; expected .jsonl, .json, .csv or "
-                ".txt (or pass a list of strings)"
+                f"{path} holds a JSON {type(loaded).__name__}; expected a list of objects "
+                "or strings (or use .jsonl, one object per line)"
             )
+        rows = loaded
+    elif suffix == ".csv":
+        rows = _csv_rows(path, limit)
+    else:
+        lines = (line.rstrip("\r\n") for _, line in _utf8_lines(path) if line.strip())
+        rows = list(_take(lines, limit))
+    return rows
+
+
+def _utf8_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(line number, decoded line) of a file read as UTF-8; ValueError naming the file and line
+    of the first byte that is not UTF-8 (a byte-order mark at the start is dropped)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{n} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at column "
+                    f"{err.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+
+
+def _csv_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header row; a row with more or fewer fields than the header
+    is an error naming its line."""
+    numbered = _utf8_lines(path)
+    line_of = [0]
+
+    def lines() -> Iterable[str]:
+        for n, line in numbered:
+            line_of[0] = n
+            yield line
+
+    reader = csv.reader(lines())
+    header = next(reader, None)
+    if header is None:
+        return []
+    rows = []
+    for fields in reader:
+        if limit is not None and len(rows) >= limit:
+            break
+        if not fields:  # a blank line
+            continue
+        if len(fields) != len(header):
+            raise ValueError(
+                f"{path}:{line_of[0]} has {len(fields)} fields but the header has "
+                f"{len(header)} ({header}); quote fields that contain commas, and give every "
+                "row one value per column"
+            )
+        rows.append(dict(zip(header, fields, strict=True)))
     return rows
 
 
@@ -174,8 +255,9 @@ def _check_text(text: Any, index: int, source: str, column: str = "text") -> str
             f"row {index} of {source}: column {column!r} must hold a string, got "
             f"{type(text).__name__} {text!r:.60}"
         )
-    if not text:
-        raise ValueError(f"row {index} of {source} has an empty text; remove it or fill it in")
+    if not text.strip():
+        raise ValueError(f"row {index} of {source} has an empty or whitespace-only text "
+                         f"({text!r:.20}); remove it or fill it in")
     return text
 
 

@@ -15,7 +15,13 @@ so shard boundaries depend only on the data and the settings.
 Resume: the manifest records the settings (hash) and the complete shards. Calling `extract`
 again with the same arguments after an interruption (Ctrl-C, SIGKILL, a full disk) continues
 after the last complete shard and ends with the same store as an uninterrupted run. A store
-made with other settings is never overwritten silently: `overwrite=True` replaces it.
+made with other settings, or on another checkpoint of the model (weights fingerprint, see
+residtap.identity), is never resumed or overwritten silently: `overwrite=True` replaces it. A
+re-run also checks every listed shard and rewrites, from the first missing or damaged one on,
+what an uninterrupted run would have written.
+
+While a capture writes a folder it holds an exclusive lock on it (residtap.store.lock): a second
+capture into the same folder, or an `overwrite` of it, is refused naming the holder.
 
 Position ids are passed from the attention mask (as `generate` does), so with left padding a
 sample's activations do not depend on how long its batch neighbours are.
@@ -24,12 +30,10 @@ sample's activations do not depend on how long its batch neighbours are.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import re
-import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,25 +41,34 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import residtap
 from residtap.distributed import barrier, block_of, rank_world
 from residtap.engine import Step, StopForward, tap
 from residtap.identity import model_identity
-from residtap.positions import check_positions, real_mask, select_positions
+from residtap.positions import real_mask, select_positions
 from residtap.sites import Arch, layer_sites, resolve_site
 from residtap.store import manifest as fmt
 from residtap.store.data import Sample, fingerprint, load_samples
-from residtap.store.manifest import MANIFEST, read_manifest, write_manifest
+from residtap.store.inputs import (
+    check_dtype,
+    check_lengths,
+    check_out,
+    check_policy,
+    check_token_ids,
+    default_shard_rows,
+    dtype_name,
+    param_dtype,
+    positive_int,
+    tokenizer_fingerprint,
+    vocab_size,
+)
+from residtap.store.lock import folder_lock
+from residtap.store.manifest import read_manifest, write_manifest
 from residtap.store.reader import Store
+from residtap.store.resume import existing_or_new, remove_leftovers
 from residtap.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 128 * 2**20  # default shard size: rows are chosen to fill about this much
-_OUR_FILES = re.compile(
-    r"^(manifest\.json|shard-\d{5}\.(safetensors|samples\.jsonl))(\.tmp)?$|^part-\d{5}-of-\d{5}$"
-)
-_PART = re.compile(r"^part-\d{5}-of-\d{5}$")
 
 
 def extract(
@@ -84,7 +97,9 @@ def extract(
     sites: site names, or "all-layers" for every `layers.{i}`.
     positions: "all" (every real token), "last" (each sample's last token) or indices into each
         sample's real tokens (negative: from the end).
-    dtype: storage dtype (default: the model's). max_length: truncate longer texts.
+    dtype: storage dtype, a floating one (default: the model's).
+    max_length: truncate longer texts. Without it, a text longer than the model's positions
+        (max_position_embeddings) is refused before any forward.
     shard_rows: rows per shard (default: about 128 MiB of activations per shard).
     overwrite: replace a store made with other settings instead of raising.
     distributed: under torch.distributed (torchrun), "data" splits the samples into one
@@ -94,28 +109,30 @@ def extract(
         See residtap.distributed.
     """
     # Everything is checked before the first file is written.
-    folder = _check_out(out)
-    batch_size = _positive_int(batch_size, "batch_size")
-    storage_dtype = _check_dtype(dtype)
-    policy = _check_policy(positions)
+    folder = check_out(out)
+    batch_size = positive_int(batch_size, "batch_size")
+    storage_dtype = check_dtype(dtype)
+    policy = check_policy(positions)
     resolved = expand_sites(model, sites, arch)
     samples = load_samples(data, text_column, max_samples)
     if tokenizer is None and any(s.text is not None for s in samples):
         raise ValueError("the data holds texts but tokenizer is None; pass the model's tokenizer")
     if max_length is not None:
-        max_length = _positive_int(max_length, "max_length")
+        max_length = positive_int(max_length, "max_length")
+    check_token_ids(model, samples)
+    check_lengths(model, tokenizer, samples, max_length)
     if shard_rows is None:
-        shard_rows = _default_shard_rows(model, [s.name for s in resolved], storage_dtype)
-    shard_rows = _positive_int(shard_rows, "shard_rows")
+        shard_rows = default_shard_rows(model, [s.name for s in resolved], storage_dtype)
+    shard_rows = positive_int(shard_rows, "shard_rows")
     identity = model_identity(model)
     settings = {
         "model_config_hash": identity["config_hash"], "sites": [s.name for s in resolved],
         "positions": policy, "data": fingerprint(samples),
         # dtype=None stores the model's dtype; record which, so that a resume with the model
         # loaded in another dtype is refused instead of mixing dtypes in one store
-        "dtype": _dtype_name(storage_dtype) or f"model:{_dtype_name(_param_dtype(model))}",
+        "dtype": dtype_name(storage_dtype) or f"model:{dtype_name(param_dtype(model))}",
         "samples": len(samples), "text_column": text_column, "max_length": max_length,
-        "tokenizer": _tokenizer_fingerprint(tokenizer), "batch_size": batch_size,
+        "tokenizer": tokenizer_fingerprint(tokenizer), "batch_size": batch_size,
         "shard_rows": shard_rows,
     }
     rank, world = _check_distributed(distributed, len(samples))
@@ -130,22 +147,22 @@ def extract(
              progress=False, arch=arch)
         barrier()
         return Store.open(folder)
-    manifest = _existing_or_new(folder, settings, identity, tokenizer, overwrite)
-    if manifest.get("complete"):
-        log.info("store %s is already complete (%d rows); nothing to do", folder,
-                 manifest["rows"])
-        return Store.open(folder)
-
-    start = sum(s["samples"] for s in manifest["shards"])
-    if start:
-        log.info("resuming store %s after %d complete shard(s), at sample %d of %d", folder,
-                 len(manifest["shards"]), start, len(samples))
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(folder, len(manifest["shards"]))
-    write_manifest(folder, manifest)
-    _run(model, tokenizer, samples, resolved, folder, manifest, policy=policy,
-         dtype=storage_dtype, batch_size=batch_size, start=start, max_length=max_length,
-         shard_rows=shard_rows, progress=progress, arch=arch)
+    with folder_lock(folder):
+        manifest = existing_or_new(folder, settings, identity, tokenizer, overwrite)
+        if manifest.get("complete"):
+            log.info("store %s is already complete (%d rows); nothing to do", folder,
+                     manifest["rows"])
+        else:
+            start = sum(s["samples"] for s in manifest["shards"])
+            if start:
+                log.info("resuming store %s after %d complete shard(s), at sample %d of %d",
+                         folder, len(manifest["shards"]), start, len(samples))
+            remove_leftovers(folder, len(manifest["shards"]))
+            write_manifest(folder, manifest)
+            _run(model, tokenizer, samples, resolved, folder, manifest, policy=policy,
+                 dtype=storage_dtype, batch_size=batch_size, start=start,
+                 max_length=max_length, shard_rows=shard_rows, progress=progress, arch=arch)
     if distributed == "tensor":
         barrier()
     return Store.open(folder)
@@ -169,25 +186,29 @@ def _extract_part(model, tokenizer, samples: list[Sample], resolved: list, top: 
                   **run_kwargs) -> Store:
     """Data parallel: this rank's block into `top/part-RRRRR-of-WWWWW`, then rank 0 merges."""
     merged_settings = {**settings, "parts": world}
-    if rank == 0:  # refuses (or, with overwrite, clears) a store made with other settings
-        _existing_or_new(top, merged_settings, identity, tokenizer, overwrite)
-    barrier()
-    lo, hi = block_of(len(samples), rank, world)
-    mine = samples[lo:hi]
-    part_settings = {**settings, "data": fingerprint(mine), "samples": len(mine),
-                     "part": [rank, world]}
-    folder = top / f"part-{rank:05d}-of-{world:05d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = _existing_or_new(folder, part_settings, identity, tokenizer, overwrite)
-    if not manifest.get("complete"):
-        start = sum(s["samples"] for s in manifest["shards"])
-        _remove_leftovers(folder, len(manifest["shards"]))
-        write_manifest(folder, manifest)
-        _run(model, tokenizer, mine, resolved, folder, manifest, start=start, **run_kwargs)
-    barrier()
-    if rank == 0:
-        _write_merged(top, world, merged_settings)
-    barrier()
+    with ExitStack() as locks:  # rank 0 locks the top folder, every rank its part
+        if rank == 0:  # refuses (or, with overwrite, clears) a store made with other settings
+            top.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(folder_lock(top))
+            existing_or_new(top, merged_settings, identity, tokenizer, overwrite)
+        barrier()
+        lo, hi = block_of(len(samples), rank, world)
+        mine = samples[lo:hi]
+        part_settings = {**settings, "data": fingerprint(mine), "samples": len(mine),
+                         "part": [rank, world]}
+        folder = top / f"part-{rank:05d}-of-{world:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        locks.enter_context(folder_lock(folder))
+        manifest = existing_or_new(folder, part_settings, identity, tokenizer, overwrite)
+        if not manifest.get("complete"):
+            start = sum(s["samples"] for s in manifest["shards"])
+            remove_leftovers(folder, len(manifest["shards"]))
+            write_manifest(folder, manifest)
+            _run(model, tokenizer, mine, resolved, folder, manifest, start=start, **run_kwargs)
+        barrier()
+        if rank == 0:
+            _write_merged(top, world, merged_settings)
+        barrier()
     return Store.open(top)
 
 
@@ -271,7 +292,8 @@ def _run(model, tokenizer, samples: list[Sample], resolved: list, folder: Path |
     try:
         with torch.inference_mode(), tap(model, taps, stop_early=True, arch=arch):
             for shard, shard_rows_planned in _shards(samples, start, batch_size, shard_rows,
-                                                     policy, tokenizer, pad_id, side, max_length):
+                                                     policy, tokenizer, pad_id, side, max_length,
+                                                     vocab_size(model)):
                 writer.begin_shard(shard_rows_planned)
                 for batch, ids, mask, index, sample, position in shard:
                     rows = _forward(model, taps, ids, mask, index, policy, accepted)
@@ -324,14 +346,14 @@ def _forward(model, taps: dict[str, _StoreTap], ids: Tensor, mask: Tensor, index
 
 
 def _shards(samples: list[Sample], start: int, batch_size: int, shard_rows: int, policy,
-            tokenizer, pad_id: int, side: str, max_length: int | None):
+            tokenizer, pad_id: int, side: str, max_length: int | None, vocab: int | None):
     """The batches from sample `start` on, encoded and grouped into shards, each with its
     rows: a shard closes after the first batch that brings it to `shard_rows` rows. A shard's
     batches are encoded before its first forward, so the writer knows the shard's size."""
     shard, rows = [], 0
     for lo in range(start, len(samples), batch_size):
         batch = samples[lo:lo + batch_size]
-        ids, mask = _encode(batch, tokenizer, pad_id, side, max_length)  # (B, T)
+        ids, mask = _encode(batch, tokenizer, pad_id, side, max_length, vocab)  # (B, T)
         index, sample, position = _rows(mask, policy, batch[0].index)
         shard.append((batch, ids, mask, index, sample, position))
         rows += int(sample.shape[0])
@@ -356,8 +378,8 @@ class _NoWriter:
     def finish_manifest(self, **updates: Any) -> None: ...
 
 
-def _encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: int | None
-            ) -> tuple[Tensor, Tensor]:
+def _encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: int | None,
+            vocab: int | None = None) -> tuple[Tensor, Tensor]:
     """Token ids and attention mask (B, T), padded on the tokenizer's side."""
     seqs: list[list[int] | None] = [s.input_ids for s in batch]
     todo = [i for i, s in enumerate(batch) if s.text is not None]
@@ -372,6 +394,10 @@ def _encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: 
         if not ids:
             raise ValueError(f"sample {s.index} (id {s.id!r}) has no tokens after tokenization; "
                              "remove it from the data set")
+        if vocab is not None and max(ids) >= vocab:
+            raise ValueError(f"sample {s.index} (id {s.id!r}) tokenizes to id {max(ids)}, but the "
+                             f"model's embedding has {vocab} rows (ids 0..{vocab - 1}); use the "
+                             "model's own tokenizer (or resize the model's embeddings)")
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -410,122 +436,3 @@ def _padding(tokenizer) -> tuple[int, str]:
     return int(pad), side
 
 
-# -- checks and settings ----------------------------------------------------------------------
-def _check_out(out: str | Path) -> Path:
-    if not isinstance(out, (str, Path)):
-        raise TypeError(f"out must be a folder path, got {type(out).__name__}")
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"out {str(folder)!r} is an existing file; the store is a folder, so "
-                         "pass a new folder path (or an existing store)")
-    return folder
-
-
-def _existing_or_new(folder: Path, settings: dict, identity: dict, tokenizer, overwrite: bool
-                     ) -> dict[str, Any]:
-    new = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "residtap_version": residtap.__version__,
-        "model": identity, "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "sites": {name: {"shape": None, "dtype": None} for name in settings["sites"]},
-        "positions": settings["positions"], "settings": settings,
-        "settings_hash": fmt.settings_hash(settings), "samples": settings["samples"],
-        "shards": [], "rows": 0, "complete": False,
-    }
-    if not folder.exists() or not any(not _PART.match(p.name) for p in folder.iterdir()):
-        return new
-    if not (folder / MANIFEST).is_file():
-        raise ValueError(
-            f"out {str(folder)!r} is a non-empty folder without {MANIFEST}, so it is not a "
-            "residtap store; residtap only deletes its own files, so choose a new or empty folder"
-        )
-    old = read_manifest(folder)
-    if old.get("settings_hash") == new["settings_hash"]:
-        return old
-    if overwrite:
-        log.warning("overwriting the store %s (made with other settings)", folder)
-        for path in folder.iterdir():
-            if _OUR_FILES.match(path.name):
-                path.unlink() if path.is_file() else shutil.rmtree(path)
-        return new
-    if old.get("model", {}).get("config_hash") != identity["config_hash"]:
-        raise ValueError(
-            f"{folder} is a store of another model ({old.get('model', {}).get('name')!r}, "
-            f"config hash {old.get('model', {}).get('config_hash')}); this model has config hash "
-            f"{identity['config_hash']}. Use another out folder, or overwrite=True (--overwrite) "
-            "to replace it"
-        )
-    diff = "; ".join(fmt.settings_differences(old.get("settings", {}), settings))
-    raise ValueError(
-        f"{folder} holds a store made with other settings ({diff}); re-run with the same "
-        "settings to resume it, use another out folder, or overwrite=True (--overwrite) to "
-        "replace it"
-    )
-
-
-def _remove_leftovers(folder: Path, complete: int) -> None:
-    """Delete files of shards the manifest does not list (an interrupted run's)."""
-    for path in folder.iterdir():
-        m = _OUR_FILES.match(path.name)
-        if not m or path.name.startswith(MANIFEST):
-            continue
-        if path.name.endswith(".tmp") or int(path.name[6:11]) >= complete:
-            log.debug("removing leftover %s", path)
-            path.unlink()
-
-
-def _check_policy(positions: Any) -> str | list[int]:
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        raise TypeError("a (B, T) positions mask depends on the batch; for a data set use "
-                        "'all', 'last' or a list of indices")
-    check_positions(positions)
-    if isinstance(positions, str):
-        return positions
-    return [int(i) for i in (positions.tolist() if isinstance(positions, Tensor) else positions)]
-
-
-def _check_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise TypeError(f"dtype must be a torch.dtype or a name such as 'bfloat16', got {dtype!r}")
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _default_shard_rows(model: nn.Module, sites: list[str], dtype: torch.dtype | None) -> int:
-    config = getattr(model, "config", None)
-    d = getattr(config, "hidden_size", None) or 1024
-    vocab = getattr(config, "vocab_size", None) or d
-    size = (dtype or _param_dtype(model)).itemsize
-    row_bytes = sum((vocab if s == "logits" else d) * size for s in sites) + 16
-    return max(1, SHARD_BYTES // row_bytes)
-
-
-def _tokenizer_fingerprint(tokenizer) -> str | None:
-    """A hash of what decides token ids: vocabulary, special-token handling, padding side."""
-    if tokenizer is None:
-        return None
-    import hashlib
-
-    try:
-        vocab = sorted(tokenizer.get_vocab().items())
-        probe = list(tokenizer("residtap fingerprint")["input_ids"])
-    except Exception as err:  # noqa: BLE001 - any tokenizer-like object is allowed
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (get_vocab and __call__); "
-                        f"got {type(tokenizer).__name__}: {err}") from err
-    text = json.dumps([type(tokenizer).__name__, vocab, probe,
-                       getattr(tokenizer, "padding_side", None)])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -11,12 +11,16 @@
 Tensors come from safetensors' `safe_open`, which memory-maps each shard: only the pages that
 are read are loaded. bf16 stays bf16 (only `to_npz` casts, since numpy has no bf16). The format
 is described in residtap.store.manifest.
+
+Opening checks what the manifest says before trusting it (residtap.store.checks): every path
+resolves inside the store folder, and each shard's header holds the manifest's row count, row
+shape and dtype for every site; a missing or damaged shard is an error that says how to repair
+the store. Samples files are checked line by line when first read.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -29,6 +33,8 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from residtap.store.checks import check_manifest, check_shard, inside, read_samples
+from residtap.store.data import check_one_label_kind
 from residtap.store.manifest import read_manifest
 
 ROW_COLUMNS = ("sample", "position")
@@ -38,6 +44,10 @@ class Store:
     """A read-only view of a store folder. Make one with `Store.open(path)`."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Use `Store.open`; this checks the manifest and every shard header (see above)."""
+        check_manifest(folder, manifest)
+        for i in range(len(manifest["shards"])):
+            check_shard(folder, manifest, i)
         self.folder = folder
         self.manifest = manifest
         self._tensors: dict[tuple[str, int], Tensor] = {}  # memory-mapped, loaded lazily
@@ -91,8 +101,8 @@ class Store:
         self._check_site(site)
         key = (site, shard)
         if key not in self._tensors:
-            name = self.manifest["shards"][shard]["file"]
-            with safe_open(str(self.folder / name), framework="pt") as f:
+            path = inside(self.folder, self.manifest["shards"][shard]["file"], "shard file")
+            with safe_open(str(path), framework="pt") as f:
                 self._tensors[key] = f.get_tensor(site)
         return self._tensors[key]
 
@@ -135,9 +145,9 @@ class Store:
     def samples(self) -> list[dict[str, Any]]:
         """One record per stored sample, in order: {'sample', 'id', 'label', ...metadata}."""
         records: list[dict[str, Any]] = []
-        for shard in self.manifest["shards"]:
-            with open(self.folder / shard["samples_file"], encoding="utf-8") as f:
-                records += [json.loads(line) for line in f]
+        for i, shard in enumerate(self.manifest["shards"]):
+            path = inside(self.folder, shard["samples_file"], f"shard {i} samples file")
+            records += read_samples(path, shard, i)
         return records
 
     def groups(self) -> Tensor:
@@ -167,6 +177,7 @@ class Store:
         """Per-row labels as a tensor, and the classes when they are not numbers: numeric and
         bool labels are kept (classes None); other labels become indices into sorted classes."""
         values = self.labels(column)
+        check_one_label_kind(values, f"column {column!r} of {self.folder}")
         if all(isinstance(v, (bool, int, float)) for v in values):
             return torch.tensor(values), None
         classes = sorted(set(values), key=str)
