@@ -1,7 +1,8 @@
 """The bundled model organism: a small trained Llama with planted, known latent variables.
 
     from residtap import organism
-    model, tok = organism.load()                   # offline, eval mode
+    model, tok = organism.load()                   # offline, eval mode, CPU, float32
+    model, tok = organism.load(device="auto")      # cuda (bfloat16), else mps, else cpu
     rows = organism.read_jsonl("mood")             # [{"id", "text", "label", "split", ...}, ...]
     organism.MOOD_WORDS["positive"]                # words that only positive texts use
 
@@ -30,10 +31,17 @@ DATASETS: tuple[str, ...] = ("mood", "topic", "truth", "early_exit", "mood_pairs
 
 
 def load(
-    dtype: torch.dtype | None = None, path: str | Path | None = None
+    dtype: torch.dtype | str | None = None, path: str | Path | None = None, *,
+    device: str | torch.device | None = None,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load the shipped checkpoint (or the one at `path`) offline, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the shipped checkpoint (or the one at `path`) offline, in eval mode.
+
+    device: "cpu" (default), "cuda", "cuda:N", "mps" or "auto" (cuda, else mps, else cpu).
+    dtype: a floating torch.dtype or its name ("bfloat16", "fp16", ...); default float32 on
+    the CPU, bfloat16 on CUDA where supported, float16 on mps; "auto": the checkpoint's own.
+    A bad name or a device this machine lacks is a ValueError (see residtap.loading).
+    """
+    from residtap.loading import load_local
 
     path = Path(path) if path is not None else MODEL_DIR
     if not (path / "config.json").is_file():
@@ -42,11 +50,8 @@ def load(
             "fix: train it with `python -m residtap.organism.train --out "
             f"{path}` or reinstall residtap"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=False
-    )
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    return model.eval(), tok
+    model, tok = load_local(path, device=device, dtype=dtype)
+    return model, tok
 
 
 def read_jsonl(name: str) -> list[dict]:
