@@ -1,7 +1,7 @@
 """`residtap bench probes`: what reading probes during generate costs, measured side by side.
 
-    residtap bench probes                  # reference config, ~10-20 min on 2 CPU cores
-    residtap bench probes --quick --json   # seconds; what the tests run
+Without options it runs the reference configuration (a random 8-layer Llama, d_model 512;
+about 10-20 min on 2 CPU cores); `--quick` runs a tiny one in seconds.
 
 In one process, interleaved, greedy `generate` of `--new-tokens` tokens is timed for the
 variants below; each repeat runs every variant as an ABBA block (baseline, variant, variant,
@@ -20,6 +20,10 @@ pre-hook and tap bodies, measured with perf_counter around each hook) per genera
 final flush of a deferred readout (timed inside the variant's wall clock too); `tap body` is the
 bank's own code only.
 `--compile` adds compiled plain forwards (torch.compile, fullgraph) with and without the bank.
+
+examples:
+  residtap bench probes --quick
+  residtap bench probes --quick --batch 1,4 --probes 1 --probes 50 --out bench/ --json
 """
 
 from __future__ import annotations
@@ -37,7 +41,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from residtap.cli.common import add_json_flag, emit_json, format_table
+from residtap.cli.common import (
+    add_json_flag,
+    add_list,
+    add_out,
+    add_progress_flag,
+    check_out,
+    command_help,
+    emit_json,
+    format_table,
+    progress,
+)
 from residtap.engine import Engine, _SiteHandler, hidden_of
 from residtap.probes.bank import ProbeBank
 from residtap.probes.bank_run import BankRun
@@ -441,24 +455,36 @@ def plot_latency(result: dict[str, Any], path: Path) -> Path:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="measure what residtap costs")
+    parser = subparsers.add_parser("bench", help="measure what residtap costs",
+                                   **command_help(__doc__))
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
     sub.required = True
     p = sub.add_parser("probes", help="probe bank vs naive hooks vs baseline during generate",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **command_help(__doc__))
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats (for tests)")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8)")
-    p.add_argument("--probes", type=int, nargs="+", help="probe counts (default 1 100 1000)")
-    p.add_argument("--scopes", nargs="+", choices=("one", "all"), help="one site / all layers")
+    add_list(p, "--batch", item_type=int, nargs="+",
+             help="batch sizes, space- or comma-separated or repeated (default 1 8)")
+    add_list(p, "--probes", item_type=int, nargs="+",
+             help="probe counts, space- or comma-separated or repeated (default 1 100 1000)")
+    add_list(p, "--scopes", item_type=_scope, nargs="+",
+             help="'one' (a middle layer) and/or 'all' (every layer), space- or "
+                  "comma-separated or repeated (default one all)")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per call (default 64)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     p.add_argument("--compile", action="store_true", help="also time compiled plain forwards")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
-    p.add_argument("--out", type=Path, help="folder for bench_probes.json/.txt/.png")
+    add_out(p, "folder", "bench_probes.json, .txt and .png", required=False)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_progress_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+def _scope(text: str) -> str:
+    if text not in ("one", "all", "all-layers"):
+        raise ValueError(text)
+    return "all" if text == "all-layers" else text
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -477,16 +503,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    result = bench_probes(cfg, progress=not args.json)
+    check_out(args.out, "folder")
+    result = bench_probes(cfg, progress=progress(args))
     text = format_report(result)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         import json
 
-        (args.out / "bench_probes.json").write_text(json.dumps(result, indent=2, default=str))
-        (args.out / "bench_probes.txt").write_text(text + "\n")
+        (out / "bench_probes.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "bench_probes.txt").write_text(text + "\n")
         if not args.no_plot:
-            result["plot"] = str(plot_latency(result, args.out / "bench_probes.png"))
+            result["plot"] = str(plot_latency(result, out / "bench_probes.png"))
     if args.json:
         emit_json(result)
     else:

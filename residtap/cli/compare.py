@@ -1,7 +1,6 @@
-"""`residtap compare STORE_A [STORE_B] --method cka`: site x site similarity of two stores.
+r"""`residtap compare STORE_A [STORE_B] --method cka`: site x site similarity of two stores.
 
-    residtap compare acts_a/ acts_b/ --method cka --out cmp/   # table; compare.json/.png/.html
-    residtap compare acts/                                     # a store against itself
+Prints a table; with --out, also writes compare.json, compare.png and compare.html.
 
 The two stores must hold the same rows: the same samples (ids) and the same token positions in
 the same order, e.g. the same data extracted from two models (or checkpoints) that share a
@@ -13,6 +12,12 @@ pairs are grouped into passes over the stores that fit `--memory-budget-mb`. SVC
 need all rows of a pair in memory (one site of each store at a time).
 
 `store_similarity` is the library entry point behind the command.
+
+examples:
+  residtap capture organism --data organism:mood --sites all-layers \
+      --positions last --max-samples 100 --out acts/
+  residtap compare acts/
+  residtap compare acts/ acts/ --method svcca --sites-a layers.0,layers.5 --sites-b all --out cmp/
 """
 
 from __future__ import annotations
@@ -31,7 +36,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from residtap.analysis import LinearCKA, pwcca, svcca
-from residtap.cli.common import add_json_flag, emit_json, format_table
+from residtap.cli.common import (
+    add_json_flag,
+    add_out,
+    add_progress_flag,
+    add_sites,
+    check_out,
+    command_help,
+    emit_json,
+    expand_all_layers,
+    format_table,
+    layer_sites_of,
+    progress,
+)
 from residtap.store.reader import Store
 
 log = logging.getLogger(__name__)
@@ -228,34 +245,37 @@ def _in_memory(a: Store, b: Store, sites_a: list[str], sites_b: list[str],
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="site x site similarity (CKA, SVCCA, PWCCA) of two stores")
+    p = sub.add_parser("compare", help="site x site similarity (CKA, SVCCA, PWCCA) of two stores",
+                       **command_help(__doc__))
     p.add_argument("store_a", metavar="STORE_A", help="a store folder")
     p.add_argument("store_b", metavar="STORE_B", nargs="?",
                    help="a store with the same rows (default: STORE_A itself)")
     p.add_argument("--method", choices=METHODS, default="cka", help="similarity measure (cka)")
-    p.add_argument("--sites-a", help="comma-separated sites of STORE_A (default: all)")
-    p.add_argument("--sites-b", help="comma-separated sites of STORE_B (default: all)")
+    add_sites(p, "--sites-a", default_help="every site of STORE_A")
+    add_sites(p, "--sites-b", default_help="every site of STORE_B")
     p.add_argument("--batch-rows", type=int, default=4096, help="rows per CKA batch (4096)")
     p.add_argument("--memory-budget-mb", type=int, default=1024,
                    help="memory for the streamed CKA sums, MiB (1024)")
-    p.add_argument("--out", help="folder for compare.json, compare.png and compare.html")
+    add_out(p, "folder", "compare.json, compare.png and compare.html", required=False)
     p.add_argument("--no-png", action="store_true", help="skip compare.png (no matplotlib)")
+    add_progress_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
-
-
-def _names(text: str | None) -> list[str] | None:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
 def run(args) -> int:
     if args.memory_budget_mb < 1:
         raise ValueError(f"expected --memory-budget-mb >= 1, got {args.memory_budget_mb}")
-    result = store_similarity(args.store_a, args.store_b, method=args.method,
-                              sites_a=_names(args.sites_a), sites_b=_names(args.sites_b),
+    check_out(args.out, "folder")
+    a = Store.open(args.store_a)
+    b = Store.open(args.store_b) if args.store_b else None
+    result = store_similarity(a, b, method=args.method,
+                              sites_a=expand_all_layers(args.sites_a, layer_sites_of(a.sites)),
+                              sites_b=expand_all_layers(args.sites_b,
+                                                        layer_sites_of((b or a).sites)),
                               batch_rows=args.batch_rows,
                               memory_budget=args.memory_budget_mb * 2**20,
-                              progress=not args.json)
+                              progress=progress(args))
     files = result.save(args.out, png=not args.no_png) if args.out else {}
     if args.json:
         emit_json(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}})

@@ -1,16 +1,17 @@
 """`residtap cost`: predict what a probe bank costs at inference, from the model's config.
 
-    residtap cost Llama-3.1-8B --probes 1000 --sites all --positions generated
-    residtap cost path/to/model --probes 8 --sites one --positions last --batch 32 --json
-    residtap cost --list-presets
-    residtap cost organism --probes 100 --sites all --measure   # also time it on the model
-
 Prints the arithmetic, bytes and serving-latency overhead of the probes against the forward
 pass they ride on, for a naive readout (a hook and a host sync per probe) and a packed one (one
 matmul per site, scores kept on the device), and a verdict. Predictions, not measurements; the
 model behind them is in residtap/cost.py. `--measure` (a local model folder or 'organism')
 also times greedy generate with and without a packed bank of random probes on this machine and
 prints the measured numbers beside the predicted ones (per forward: generate time / new tokens).
+
+examples:
+  residtap cost Llama-3.1-8B --probes 1000 --sites all --positions generated
+  residtap cost organism --probes 8 --sites one --positions last --batch 32 --json
+  residtap cost --list-presets
+  residtap cost organism --probes 100 --sites all --measure --repeats 1 --new-tokens 16
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ import argparse
 import dataclasses
 from typing import Any
 
-from residtap.cli.common import add_json_flag, emit_json, format_table, load_model
+from residtap.cli.common import (
+    ALL_LAYERS,
+    add_json_flag,
+    add_list,
+    add_model_flags,
+    add_positions,
+    command_help,
+    emit_json,
+    format_table,
+    load_model_from_args,
+    parse_positions,
+)
 from residtap.cost import (
     HARDWARE,
     POSITIONS,
@@ -35,7 +47,7 @@ from residtap.presets import PRESETS
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "cost", help="predict what probes cost at inference (arithmetic, bytes, latency)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        **command_help(__doc__),
     )  # fmt: skip
     p.add_argument("model", nargs="?",
                    help="a preset (see --list-presets), a config.json, a local model folder, "
@@ -43,10 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--list-presets", action="store_true", help="list the shipped model configs")
     p.add_argument("--probes", type=int, default=1, help="probes at each site (default 1)")
     p.add_argument("--sites", default="one",
-                   help="'one', 'all' (every decoder layer) or a number of sites (default one)")
-    p.add_argument("--positions", choices=POSITIONS, default="generated",
-                   help="tokens read: every generated token, the prompt's last, or all prompt "
-                        "tokens (default generated)")  # fmt: skip
+                   help="'one' (a middle layer), 'all' or 'all-layers' (every decoder layer), "
+                        "or a number of sites (default one)")
+    add_positions(p, words=POSITIONS, indices=False, default="generated",
+                  note="the tokens each probe reads")
     p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
@@ -56,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", choices=list(HARDWARE), default=None,
                    help="latency assumptions to use (default h100; with --measure, the "
                         "measuring device's: cpu on a CPU)")  # fmt: skip
-    p.add_argument("--assume", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one hardware assumption, e.g. sync_s=3e-5 (repeatable)")
+    add_list(p, "--assume", default=[], metavar="FIELD=VALUE",
+             help="override hardware assumptions, e.g. sync_s=3e-5")
     p.add_argument("--no-attention-flops", action="store_true",
                    help="leave the attention-score FLOPs (QK^T, AV) out of the model's FLOPs")
     p.add_argument("--measure", action="store_true",
@@ -65,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "of this scope on the model (a local folder or 'organism')")
     p.add_argument("--repeats", type=int, default=3,
                    help="with --measure: paired timing repeats, medians reported (default 3)")
+    add_model_flags(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -77,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
             "expected a model: a preset name, a config.json, a model folder or 'organism'; "
             "see `residtap cost --list-presets`"
         )
-    sites: str | int = int(args.sites) if args.sites.strip().isdigit() else args.sites
+    args.positions = parse_positions(args.positions, words=POSITIONS, indices=False)
+    sites: str | int = args.sites.strip()
+    sites = int(sites) if sites.isdigit() else "all" if sites in ALL_LAYERS else sites
     model = _measurable_model(args) if args.measure else None
     hardware, dtype_bytes = args.hardware or "h100", args.dtype_bytes or 2
     if model is not None:
@@ -116,7 +131,7 @@ def _measurable_model(args: argparse.Namespace):
             f"--measure needs weights to run, but {args.model!r} is a preset (a config only); "
             "pass a local model folder or 'organism', or drop --measure"
         )
-    model, _ = load_model(args.model)
+    model, _ = load_model_from_args(args, tokenizer=False)
     return model
 
 

@@ -1,4 +1,4 @@
-"""`residtap lens MODEL --prompt TEXT --max-new-tokens N --out DIR`: logit lens of a generation.
+r"""`residtap lens MODEL --prompt TEXT --max-new-tokens N --out DIR`: logit lens of a generation.
 
 Writes lens.json (every statistic), lens.png (heatmap of one batch row; needs matplotlib) and
 lens.html (self-contained, hover for the top-k) into DIR, and prints a per-site summary.
@@ -6,6 +6,14 @@ With `--tuned FILE` the sites it has translators for decode through them (the tu
 
 `residtap tuned-lens MODEL --store DIR --out FILE`: train that file from a store of block
 outputs (see residtap.tuned_lens); prints each site's held-out KL with and without it.
+
+examples:
+  residtap lens organism --prompt "the cook" --prompt "today i am sad , and then the coach" \
+      --max-new-tokens 8 --out lens/
+  residtap capture organism --data organism:mood --sites all-layers \
+      --positions all --max-samples 100 --out lens-acts/
+  residtap tuned-lens organism --store lens-acts/ --steps 100 --out tuned.safetensors
+  residtap lens organism --prompt "the cook" --tuned tuned.safetensors --out tuned-lens/ --json
 """
 
 from __future__ import annotations
@@ -14,7 +22,19 @@ import logging
 
 import torch
 
-from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
+from residtap.cli.common import (
+    MODEL_HELP,
+    add_json_flag,
+    add_model_flags,
+    add_out,
+    add_progress_flag,
+    check_out,
+    command_help,
+    emit_json,
+    format_table,
+    load_model_from_args,
+    progress,
+)
 from residtap.lens import LensResult, run_lens
 from residtap.tuned_lens import TunedLens, train_tuned_lens
 
@@ -22,12 +42,14 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lens", help="logit lens over prompts and their greedy continuation")
+    doc = command_help(__doc__)
+    p = sub.add_parser("lens", help="logit lens over prompts and their greedy continuation",
+                       **doc)
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--prompt", action="append", required=True,
-                   help="a prompt; repeat for a batch (left-padded)")
+                   help="a prompt; repeat for a batch (left-padded; commas stay in the text)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (16)")
-    p.add_argument("--out", required=True, help="folder for lens.json, lens.png, lens.html")
+    add_out(p, "folder", "lens.json, lens.png and lens.html")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per cell (5)")
     p.add_argument("--sublayers", action="store_true", help="also lens attn and mlp outputs")
     p.add_argument("--color", choices=("prob", "kl"), default="prob",
@@ -37,20 +59,20 @@ def register(sub) -> None:
                    help="work space for the deferred decode, MiB (256)")
     p.add_argument("--tuned", default=None, metavar="FILE",
                    help="a tuned-lens file (from `residtap tuned-lens`): decode through it")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder's own code to run (off by default)")
+    add_model_flags(p)
+    add_progress_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
-    t = sub.add_parser("tuned-lens", help="train tuned-lens translators from a store")
+    t = sub.add_parser("tuned-lens", help="train tuned-lens translators from a store", **doc)
     t.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     t.add_argument("--store", required=True, help="a store of block outputs incl. the last")
-    t.add_argument("--out", required=True, help="the .safetensors file to write")
+    add_out(t, "file", "the tuned lens (.safetensors)")
     t.add_argument("--steps", type=int, default=300, help="Adam steps (300)")
     t.add_argument("--batch-size", type=int, default=256, help="rows per step (256)")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
-    t.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder's own code to run (off by default)")
+    add_model_flags(t)
+    add_progress_flag(t)
     add_json_flag(t)
     t.set_defaults(func=run_train)
 
@@ -77,13 +99,14 @@ def run(args) -> int:
             "expected --max-new-tokens >= 0, --top-k >= 1 and --memory-budget-mb >= 1; got "
             f"{args.max_new_tokens}, {args.top_k}, {args.memory_budget_mb}"
         )
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    check_out(args.out, "folder")
+    model, tokenizer = load_model_from_args(args)
     tuned = TunedLens.load(args.tuned, model) if args.tuned else None
     with torch.no_grad():
         result = run_lens(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           top_k=args.top_k, sublayers=args.sublayers,
                           memory_budget=args.memory_budget_mb * 2**20,
-                          progress=not args.json, translators=tuned)
+                          progress=progress(args), translators=tuned)
     paths = result.save(args.out, row=args.row, color=args.color)
     summary = site_summary(result)
     generated = [tokenizer.decode(row[result.prompt_length:])
@@ -106,9 +129,10 @@ def run(args) -> int:
 
 
 def run_train(args) -> int:
-    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    check_out(args.out, "file")
+    model, _ = load_model_from_args(args, tokenizer=False)
     tuned = train_tuned_lens(model, args.store, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, progress=not args.json)
+                             lr=args.lr, progress=progress(args))
     path = tuned.save(args.out)
     rows = [{"site": s, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}}
             for s, m in tuned.metrics.items()]

@@ -1,43 +1,99 @@
-"""`residtap probe sweep|train STORE --label COLUMN`: probes on an activation store.
+"""`residtap probe sweep|train|score`: probes on an activation store, and scores of a saved
+probe on new texts.
 
-    residtap probe sweep acts/ --label label --out sweep/      # table; sweep.json/.png/.html
-    residtap probe train acts/ --label label --site layers.3 --out probe.safetensors
+    sweep   one probe per site of a store: table; sweep.json, sweep.png, sweep.html
+    train   one probe at one site, saved as a .safetensors probe file
+    score   a probe file's scores per text (or per token) on a data file: table, JSON or CSV
 
-Both split by text: the samples' `split` column (train / test) when the store has one, else a
-random `--test-fraction` of the texts (see residtap.probes.sweep).
+sweep and train split by text: the samples' `split` column (train / test) when the store has
+one, else a random `--test-fraction` of the texts (see residtap.probes.sweep). score runs the
+model on the texts and reads the probe where it was trained, at the store's positions unless
+--positions says otherwise (see residtap.probes.scoring).
+
+examples:
+  residtap capture organism --data organism:mood --sites all-layers --positions last --out acts/
+  residtap probe sweep acts/ --label label --out sweep/
+  residtap probe train acts/ --label label --site layers.3 --out mood-probe.safetensors
+  residtap probe score mood-probe.safetensors organism --data organism:mood --out scores.csv
+  residtap probe score mood-probe.safetensors organism --data organism:mood --max-samples 3 --json
 """
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any
 
-from residtap.cli.common import add_json_flag, emit_json, format_table
+from residtap.cli.common import (
+    MODEL_HELP,
+    add_data,
+    add_json_flag,
+    add_model_flags,
+    add_out,
+    add_positions,
+    add_progress_flag,
+    add_sites,
+    check_out,
+    command_help,
+    emit_json,
+    expand_all_layers,
+    format_table,
+    layer_sites_of,
+    load_model_from_args,
+    parse_positions,
+    progress,
+)
 from residtap.probes.sweep import SWEEP_KINDS, sweep, train_site_probe
+
+POSITION_FORMS = {"words": ("all", "last"), "indices": True}
+SHOWN_ROWS = 20  # rows `probe score` prints as a table without --out
 
 
 def register(sub) -> None:
-    p = sub.add_parser("probe", help="train probes on a store: sweep every site, or one site")
-    probe_sub = p.add_subparsers(dest="probe_command", metavar="{sweep,train}")
+    parser = command_help(__doc__)
+    p = sub.add_parser("probe", help="probes: sweep every site of a store, train one, score "
+                                     "texts with a saved one", **parser)
+    probe_sub = p.add_subparsers(dest="probe_command", metavar="{sweep,train,score}")
     probe_sub.required = True
 
-    s = probe_sub.add_parser("sweep", help="one probe per site; held-out metrics by layer")
+    s = probe_sub.add_parser("sweep", help="one probe per site; held-out metrics by layer",
+                             **parser)
     _common(s)
-    s.add_argument("--sites", help="comma-separated sites to probe (default: all in the store)")
+    add_sites(s, default_help="every site in the store")
     s.add_argument("--baseline", action="store_true",
                    help="also fit a difference-of-means probe per site (binary labels)")
-    s.add_argument("--out", help="folder for sweep.json, sweep.png and sweep.html "
-                                 "(default: print only)")
+    add_out(s, "folder", "sweep.json, sweep.png and sweep.html", required=False)
     s.add_argument("--no-png", action="store_true", help="skip sweep.png (no matplotlib)")
+    add_progress_flag(s)
     add_json_flag(s)
     s.set_defaults(func=run_sweep)
 
-    t = probe_sub.add_parser("train", help="train one probe at one site and save it")
+    t = probe_sub.add_parser("train", help="train one probe at one site and save it", **parser)
     _common(t)
     t.add_argument("--site", required=True, help="the site to probe, e.g. layers.3")
-    t.add_argument("--out", required=True, help="probe file to write (.safetensors)")
+    add_out(t, "file", "the probe (.safetensors)")
     add_json_flag(t)
     t.set_defaults(func=run_train)
+
+    c = probe_sub.add_parser("score", help="a saved probe's scores on texts (JSON or CSV)",
+                             **parser)
+    c.add_argument("probe_file", metavar="PROBE_FILE",
+                   help="a probe file (.safetensors) from `residtap probe train` or save_probe")
+    c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_data(c, help="the texts: a .jsonl, .json, .csv or .txt file")
+    add_positions(c, **POSITION_FORMS, default="the probe's",
+                  note="the default is the positions of the store the probe was trained on "
+                       "(else last)")
+    add_out(c, "file", "every row as .jsonl or .csv (by suffix)", required=False)
+    c.add_argument("--batch-size", type=int, default=16, help="texts per forward (16)")
+    c.add_argument("--max-samples", type=int, default=None, help="score only the first N texts")
+    c.add_argument("--max-length", type=int, default=None, help="truncate longer texts")
+    c.add_argument("--text-column", default="text")
+    add_model_flags(c)
+    add_progress_flag(c)
+    add_json_flag(c)
+    c.set_defaults(func=run_score)
 
 
 def _common(p) -> None:
@@ -58,10 +114,14 @@ def _split_column(args) -> str | None:
 
 
 def run_sweep(args) -> int:
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
-    result = sweep(args.store, args.label, sites, kind=args.kind,
+    from residtap.store.reader import Store
+
+    check_out(args.out, "folder")
+    store = Store.open(args.store)
+    sites = expand_all_layers(args.sites, layer_sites_of(store.sites))
+    result = sweep(store, args.label, sites, kind=args.kind,
                    split_column=_split_column(args), test_fraction=args.test_fraction,
-                   seed=args.seed, baseline=args.baseline, progress=not args.json)
+                   seed=args.seed, baseline=args.baseline, progress=progress(args))
     files = result.save(args.out, png=not args.no_png) if args.out else {}
     if args.json:
         emit_json(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}})
@@ -88,6 +148,7 @@ def run_train(args) -> int:
     if out.suffix != ".safetensors":
         raise ValueError(f"expected --out to end in .safetensors, got {str(out)!r}; e.g. "
                          "--out probe.safetensors")
+    check_out(out, "file")
     store = Store.open(args.store)
     probe = train_site_probe(store, args.label, args.site, kind=args.kind,
                              split_column=_split_column(args),
@@ -108,3 +169,77 @@ def run_train(args) -> int:
           + f" on {probe.metrics['test']['n']} held-out rows")
     print(f"wrote {out}")
     return 0
+
+
+def run_score(args) -> int:
+    from residtap.probes.files import load_probe
+    from residtap.probes.scoring import agreement, default_positions, score_texts
+
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"expected --out to end in .jsonl or .csv, got {str(out)!r}; e.g. "
+                             "--out scores.csv")
+        check_out(out, "file")
+    load_probe(args.probe_file)  # a damaged file fails before the model loads
+    model, tokenizer = load_model_from_args(args)
+    probe = load_probe(args.probe_file, model=model)
+    positions = (default_positions(probe) if args.positions == ["the probe's"]
+                 else parse_positions(args.positions, **POSITION_FORMS))
+    rows = list(score_texts(model, tokenizer, probe, args.data, positions=positions,
+                            batch_size=args.batch_size, max_length=args.max_length,
+                            text_column=args.text_column, max_samples=args.max_samples,
+                            progress=progress(args)))
+    check = agreement(rows, probe.label_column) if probe.label_column else None
+    summary: dict[str, Any] = {
+        "probe": str(args.probe_file), "site": probe.site, "kind": getattr(probe, "kind", None),
+        "positions": positions, "texts": len({r["sample"] for r in rows}), "rows": len(rows),
+        "agreement": check,
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_rows(rows, out)
+        summary["file"] = str(out)
+    if args.json:
+        emit_json(summary if out is not None else summary | {"scores": rows})
+        return 0
+    shown = rows if out is None else rows[:0]
+    if shown:
+        cols = [c for c in ("id", "position", "token", "score", "probability", "prediction",
+                            probe.label_column) if c and any(c in r for r in rows)]
+        table = [{c: _short(r.get(c)) for c in cols} for r in shown[:SHOWN_ROWS]]
+        print(format_table(table, cols))
+        if len(rows) > SHOWN_ROWS:
+            print(f"... {len(rows) - SHOWN_ROWS} more rows (pass --out FILE.csv or --json for "
+                  "all)")
+    print(f"{probe.site}: {len(rows)} score(s) on {summary['texts']} text(s), positions "
+          f"{positions}" + (f"; prediction = {check['column']} on {check['accuracy']:.1%} of "
+                            f"{check['rows']} rows" if check else ""))
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """JSON lines, or CSV with one column per key (lists as JSON text)."""
+    with path.open("w", encoding="utf-8", newline="") as f:
+        if path.suffix == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
+            return
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                             for k, v in row.items()})
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return "" if value is None else str(value)

@@ -1,19 +1,34 @@
-"""`residtap sites MODEL`: a model's canonical sites, their modules and shapes."""
+"""`residtap sites MODEL`: a model's canonical sites, their modules and shapes.
+
+The names are what every other command takes as --sites / --site.
+
+examples:
+  residtap sites organism
+  residtap sites organism --json
+"""
 
 from __future__ import annotations
 
 import torch
 
 from residtap.capture import capture
-from residtap.cli.common import MODEL_HELP, add_json_flag, emit_json, format_table, load_model
+from residtap.cli.common import (
+    MODEL_HELP,
+    add_json_flag,
+    add_model_flags,
+    command_help,
+    emit_json,
+    format_table,
+    load_model_from_args,
+)
 from residtap.sites import resolve_site, site_names
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sites", help="list a model's sites with their shapes")
+    p = sub.add_parser("sites", help="list a model's sites with their shapes",
+                       **command_help(__doc__))
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder's own code to run (off by default)")
+    add_model_flags(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -40,7 +55,7 @@ def describe_sites(model, tokenizer=None) -> list[dict]:
 
 
 def run(args) -> int:
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_from_args(args, tokenizer=False)
     rows = describe_sites(model, tokenizer)
     if args.json:
         emit_json({"model": args.model, "class": type(model).__name__, "sites": rows})
