@@ -187,20 +187,22 @@ def _hooks_as_they_were(model: nn.Module) -> Iterator[None]:
     """Leave the model's hooks exactly as they were: transformers 5.x installs permanent
     hidden-state hooks on the first `output_hidden_states=True` call, which our one recording
     forward must not leave behind (they would slow every later forward). Hooks and flags that
-    appear during the block are removed; transformers installs them again when the user asks."""
+    appear during the block are removed (and the `forward` attribute transformers 4.57 sets on
+    each layer it records); transformers installs them again when the user asks."""
     modules = list(model.modules())
     before = [{name: set(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
-    flags = [getattr(m, _INSTALLED_FLAG, None) for m in modules]
+    own = [{a for a in (_INSTALLED_FLAG, "forward") if a in vars(m)} for m in modules]
     try:
         yield
     finally:
-        for m, keys, flag in zip(modules, before, flags, strict=True):
+        for m, keys, attrs in zip(modules, before, own, strict=True):
             for name, old in keys.items():
                 table = getattr(m, name, None)
                 for key in [k for k in (table or {}) if k not in old]:
                     del table[key]
-            if flag is None and _INSTALLED_FLAG in vars(m):
-                delattr(m, _INSTALLED_FLAG)
+            for attr in {_INSTALLED_FLAG, "forward"} - attrs:  # 4.57 re-binds forward
+                if attr in vars(m):
+                    delattr(m, attr)
 
 
 def _eager():
@@ -545,11 +547,12 @@ def _sum_check(rec: Recording, i: int, arch: Any, config: Any) -> tuple[bool, bo
         return False, False
     ta = ta.reshape(x.shape)
     mid = x + scale * ta
+    a_ok = any(close(t, mid) for t in sums)
     if tm is not None and tm.numel() == x.numel():
         tm = tm.reshape(x.shape)
         if close(out, mid + scale * tm):
-            return True, True
-    a_ok = any(close(t, mid) for t in sums)
+            swapped = not a_ok and any(close(t, x + scale * tm) for t in sums)
+            return not swapped, not swapped  # x + m is formed first: attn and mlp swapped
     if tm is None or tm.numel() != x.numel() or not a_ok:
         return a_ok, False
     bases = [mid] + [c.output for c in rec.children_in_order(block)

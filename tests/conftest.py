@@ -50,6 +50,69 @@ def tiny_config(arch: str, layers: int = 3, d: int = 32):
     raise ValueError(arch)
 
 
+def family_config(name: str, layers: int = 3, d: int = 32):
+    """Tiny configs of the decoder families residtap must handle, most without a table entry,
+    in the layouts that differ (parallel / sequential residual, post-LN, projected embeddings,
+    output norms, MoE, scalar multipliers)."""
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ll = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, **common)
+    neox = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                num_attention_heads=4, **common)
+    opt = dict(hidden_size=d, ffn_dim=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+               **common)
+    falcon = dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=4, **common)
+    make = {
+        "llama": lambda: tf.LlamaConfig(**ll),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **ll),
+        "gemma2": lambda: tf.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, **ll),
+        "gpt2": lambda: tf.GPT2Config(n_embd=d, n_layer=layers, n_head=4, **common),
+        "gpt_neox_parallel": lambda: tf.GPTNeoXConfig(use_parallel_residual=True, **neox),
+        "gpt_neox_sequential": lambda: tf.GPTNeoXConfig(use_parallel_residual=False, **neox),
+        "opt_pre_ln": lambda: tf.OPTConfig(word_embed_proj_dim=d, **opt),
+        "opt_post_ln": lambda: tf.OPTConfig(word_embed_proj_dim=d // 2,
+                                            do_layer_norm_before=False, **opt),
+        "phi": lambda: tf.PhiConfig(**neox),
+        "phi3": lambda: tf.Phi3Config(**ll),
+        "olmo": lambda: tf.OlmoConfig(**ll),
+        "olmo2": lambda: tf.Olmo2Config(**ll),
+        "falcon_parallel": lambda: tf.FalconConfig(**falcon),
+        "falcon_new_arch": lambda: tf.FalconConfig(new_decoder_architecture=True, num_kv_heads=2,
+                                                   **falcon),
+        "falcon_sequential": lambda: tf.FalconConfig(parallel_attn=False, **falcon),
+        "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **ll),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=d,
+                                               shared_expert_intermediate_size=d, **ll),
+        "gptj": lambda: tf.GPTJConfig(n_embd=d, n_layer=layers, n_head=4, rotary_dim=4,
+                                      **common),
+        "bloom": lambda: tf.BloomConfig(hidden_size=d, n_layer=layers, n_head=4, **common),
+        "cohere": lambda: tf.CohereConfig(logit_scale=0.5, **ll),
+        "granite": lambda: tf.GraniteConfig(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                            logits_scaling=4.0, **ll),
+        "starcoder2": lambda: tf.Starcoder2Config(**ll),
+        "stablelm": lambda: tf.StableLmConfig(**ll),
+    }
+    return make[name]()
+
+
+FAMILIES = ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox_parallel", "gpt_neox_sequential",
+            "opt_pre_ln", "opt_post_ln", "phi", "phi3", "olmo", "olmo2", "falcon_parallel",
+            "falcon_new_arch", "falcon_sequential", "mixtral", "qwen2_moe", "gptj", "bloom",
+            "cohere", "granite", "starcoder2", "stablelm"]
+
+
+def family_model(name: str, layers: int = 3, d: int = 32, seed: int = 0):
+    """A tiny random model of a family, every parameter perturbed (norm weights too, so two
+    norms never compute the same function by accident)."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(family_config(name, layers, d)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def tiny_model(arch: str, layers: int = 3, d: int = 32, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(arch, layers, d)
