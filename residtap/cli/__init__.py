@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import traceback
 
@@ -25,7 +26,14 @@ USER_ERRORS = (ValueError, TypeError, LookupError, OSError, RuntimeError, Import
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with one-line errors: `residtap capture: error: ...; see ... --help`."""
+    """argparse, with one-line errors (`residtap capture: error: ...; see ... --help`) and
+    comma-separated negative numbers read as values (`--strength -1,1`, `--positions -2,-1`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        number = r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+        self._negative_number_matcher = re.compile(rf"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+                                                   rf"(,{number})*$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {one_line(message)}; see `{self.prog} --help`\n")
