@@ -15,8 +15,11 @@ sample, so no text is on both sides) gives each site's KL with and without its t
 `tuned.metrics`.
 
 Files are safetensors (`A.<site>`, `b.<site>`) with JSON metadata: format, sites, d_model, the
-model identity and the metrics. Loading never unpickles, and with `model` it checks the file was
-trained on that model.
+model identity and the metrics. Loading never unpickles and checks the file whole before use:
+metadata, one (d, d) and (d,) float pair per site, no NaN/Inf; with `model`, that it was trained
+on that model (config and weights fingerprint, residtap.identity), that d is its width and that
+the model has every site. `train_tuned_lens(..., out=path)` checks the path is writable before
+training.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from residtap.identity import check_same_model, model_identity, read_safetensors
+from residtap.identity import check_finite, check_same_model, model_identity, read_safetensors
 from residtap.lens_decode import Readout, readout_of
 from residtap.probes.splits import grouped_split
-from residtap.sites import num_layers
+from residtap.sites import num_layers, resolve_site
+from residtap.store.checks import check_out_file
 from residtap.store.manifest import atomic_write_bytes
 from residtap.store.reader import Store
 
@@ -73,7 +77,10 @@ class TunedLens:
         return hidden + F.linear(hidden, A, b)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the file atomically (missing parent folders are created)."""
         path = Path(path)
+        check_out_file(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"A.{s}": t.contiguous() for s, t in self.A.items()}
         tensors |= {f"b.{s}": t.contiguous() for s, t in self.b.items()}
         meta = {"format": FORMAT, "sites": json.dumps(self.sites),
@@ -82,28 +89,69 @@ class TunedLens:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> TunedLens:
-        """Read a tuned-lens file; with `model`, check it was trained on that model."""
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
+             allow_other_weights: bool = False) -> TunedLens:
+        """Read a tuned-lens file (see the module docstring for what is checked). With `model`,
+        check it was trained on that model; allow_other_weights=True accepts a lens trained on
+        another checkpoint of the same config (with a warning)."""
         path = Path(path)
         meta, tensors = read_safetensors(path, "tuned-lens file", "; train one with residtap."
                                          "train_tuned_lens(...) or `residtap tuned-lens`")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a tuned-lens file (format {meta.get('format')!r}, "
                              f"expected {FORMAT!r})")
-        sites = json.loads(meta["sites"])
+        sites = _json_meta(path, meta, "sites", list)
+        identity = _json_meta(path, meta, "model", (dict, type(None)))
+        metrics = _json_meta(path, meta, "metrics", dict, default="{}")
+        if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
+            raise ValueError(f"{path}: metadata 'sites' is {sites!r}, expected a list of distinct "
+                             "site names; the file was damaged or edited, train it again")
         expected = {f"{k}.{s}" for s in sites for k in ("A", "b")}
         if set(tensors) != expected:
             raise ValueError(f"{path}: tensors {sorted(tensors)} do not match its sites {sites}; "
                              "the file was damaged or edited, train it again")
+        d = tensors[f"b.{sites[0]}"].shape[0] if tensors[f"b.{sites[0]}"].dim() == 1 else -1
+        for s in sites:
+            A, b = tensors[f"A.{s}"], tensors[f"b.{s}"]
+            if (tuple(A.shape), tuple(b.shape)) != ((d, d), (d,)) or not (
+                    A.is_floating_point() and b.is_floating_point()):
+                raise ValueError(
+                    f"{path}: the translator of site {s!r} is A {tuple(A.shape)} {A.dtype}, b "
+                    f"{tuple(b.shape)} {b.dtype}; expected float A ({d}, {d}) and b ({d},) like "
+                    "every site's; the file was damaged or edited, train it again")
+        check_finite(path, tensors, "tuned-lens file")
         lens = cls({s: tensors[f"A.{s}"] for s in sites}, {s: tensors[f"b.{s}"] for s in sites},
-                   json.loads(meta["model"]), json.loads(meta["metrics"]))
+                   identity, metrics)
         if model is not None:
             if lens.model is not None:
-                check_same_model(lens.model, model, "tuned lens")
-            d = model.config.hidden_size
-            if any(t.shape != (d, d) for t in lens.A.values()):
-                raise ValueError(f"{path}: translators are not ({d}, {d}) for this model")
+                check_same_model(lens.model, model, "tuned lens",
+                                 allow_other_weights=allow_other_weights)
+            width = model.config.hidden_size
+            if d != width:
+                raise ValueError(f"{path}: translators are ({d}, {d}), but this model is {width} "
+                                 "wide; use a tuned lens trained on this model")
+            for s in sites:
+                try:
+                    resolve_site(model, s)
+                except LookupError as err:
+                    raise ValueError(f"{path} has a translator for site {s!r}, which this model "
+                                     f"lacks ({err}); use a tuned lens trained on this model"
+                                     ) from err
         return lens
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str, types, default: str | None = None
+               ) -> Any:
+    text = meta.get(key, default)
+    try:
+        value = json.loads(text) if text is not None else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}); the file was "
+                         "damaged or edited, train it again") from err
+    if not isinstance(value, types):
+        raise ValueError(f"{path}: metadata {key!r} is {text!r:.60}, of the wrong type or "
+                         "missing; the file was damaged or edited, train it again")
+    return value
 
 
 def train_tuned_lens(
@@ -117,9 +165,13 @@ def train_tuned_lens(
     seed: int = 0,
     readout: Readout | None = None,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
 ) -> TunedLens:
     """Train translators for `sites` (default: every stored `layers.{i}` but the last) on the
-    store's rows; the store must hold the last block's output `layers.{L-1}` (the target)."""
+    store's rows; the store must hold the last block's output `layers.{L-1}` (the target).
+    out: a file to save the lens to, checked writable before training starts."""
+    if out is not None:
+        check_out_file(Path(out))
     store = store if isinstance(store, Store) else Store.open(store)
     check_same_model(store.model, model, "store")
     final = f"layers.{num_layers(model) - 1}"
@@ -166,6 +218,8 @@ def train_tuned_lens(
         for p in frozen:
             p.requires_grad_(True)
     log.info("tuned lens: held-out KL per site %s", lens.metrics)
+    if out is not None:
+        lens.save(out)
     return lens
 
 

@@ -457,3 +457,37 @@ def test_loading_for_a_different_model_is_an_error(tmp_path):
         load_probe(path, model=tiny_model("gpt2", layers=1, d=32))
     with pytest.raises(ValueError, match="hidden_size is 32"):
         save_probe(probe, tmp_path / "q.safetensors", model=tiny_model("gpt2", layers=1, d=32))
+
+
+def test_probe_made_on_another_checkpoint_is_refused_unless_allowed(tmp_path, caplog):
+    """Issue 15: identity was a config hash only; another seed (checkpoint) was accepted."""
+    model, other = tiny_model("gpt2", layers=1, d=16), tiny_model("gpt2", layers=1, d=16, seed=1)
+    path = save_probe(all_probes()[0], tmp_path / "p.safetensors", model=model)
+    assert load_probe(path, model=model).model["weights_fingerprint"]
+    with pytest.raises(ValueError, match="other weights.*allow_other_weights=True"):
+        load_probe(path, model=other)
+    with caplog.at_level("WARNING"):
+        probe = load_probe(path, model=other, allow_other_weights=True)
+    assert "used anyway" in caplog.text and probe.model["weights_fingerprint"]
+
+
+def test_probe_file_without_a_weights_fingerprint_loads_with_a_warning(tmp_path, caplog):
+    model = tiny_model("gpt2", layers=1, d=16)
+    path = save_probe(all_probes()[0], tmp_path / "p.safetensors", model=model)
+    identity = load_probe(path).model
+    del identity["weights_fingerprint"]  # as residtap wrote it before
+    tamper(path, model=json.dumps(identity))
+    with caplog.at_level("WARNING"):
+        load_probe(path, model=tiny_model("gpt2", layers=1, d=16, seed=1))
+    assert "no weights fingerprint" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_probe_files_with_nan_or_inf_are_refused(tmp_path, bad, name):
+    path = save_probe(all_probes()[0], tmp_path / "p.safetensors")
+    tensors = {"weight": torch.zeros(1, 16), "bias": torch.zeros(1)}
+    tensors[name].view(-1)[0] = bad
+    tamper(path, tensors=tensors)
+    with pytest.raises(ValueError, match=f"tensor '{name}' of this probe file has 1 NaN/Inf"):
+        load_probe(path)

@@ -5,6 +5,7 @@ and refuse other models; bad stores are refused; the CLI trains and decodes with
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,66 @@ def test_cli_trains_and_decodes(organism_store, tmp_path, capsys):
                  "--out", str(tmp_path / "lens"), "--tuned", str(out), "--json"]) == 0
     lens = json.loads(capsys.readouterr().out)
     assert len(lens["sites"]) == 6 and (tmp_path / "lens" / "lens.html").is_file()
+
+
+def _saved(tmp_path, model, **change) -> Path:
+    """An untrained lens of `model` saved, with tensors or metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = TunedLens.identity(model, ["layers.0", "layers.1"]).save(tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors |= change.pop("tensors", {})
+    meta |= change
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(tensors={"A.layers.1": torch.full((32, 32), float("nan"))}),
+     "tensor 'A.layers.1' of this tuned-lens file has 1024 NaN/Inf"),
+    (dict(tensors={"b.layers.0": torch.tensor([float("inf")] * 32)}), "'b.layers.0'.*NaN/Inf"),
+    (dict(tensors={"A.layers.1": torch.zeros(32, 31)}),
+     "translator of site 'layers.1' is A \\(32, 31\\)"),
+    (dict(sites='["layers.0", "layers.9"]'), "tensors .* do not match its sites"),
+    (dict(sites="[layers.0"), "metadata 'sites' is not valid JSON"),
+    (dict(metrics="[]"), "metadata 'metrics' is"),
+])
+def test_damaged_tuned_lens_files_fail_at_load(tmp_path, change, match):
+    """Before: NaN loaded, and a translator of the wrong shape failed only mid-lens."""
+    model = tiny_model("llama", layers=3)
+    path = _saved(tmp_path, model, **change)
+    with pytest.raises(ValueError, match=match):
+        TunedLens.load(path)
+
+
+def test_tuned_lens_for_a_site_the_model_lacks_or_other_weights_is_refused(tmp_path):
+    model = tiny_model("llama", layers=3)
+    lens = TunedLens({"layers.7": torch.zeros(32, 32)}, {"layers.7": torch.zeros(32)},
+                     residtap.identity.model_identity(model))
+    path = lens.save(tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="translator for site 'layers.7', which this model lacks"):
+        TunedLens.load(path, model)
+    path = TunedLens.identity(model, ["layers.0"]).save(tmp_path / "u.safetensors")
+    other = tiny_model("llama", layers=3, seed=1)
+    with pytest.raises(ValueError, match="tuned lens was made on other weights"):
+        TunedLens.load(path, other)
+    allowed = TunedLens.load(path, other, allow_other_weights=True)
+    LogitLens(other, translators=allowed)  # the override holds for this model from now on
+
+
+def test_unusable_output_paths_are_refused_before_training(organism_store, tmp_path,
+                                                           monkeypatch):
+    model, _, store = organism_store
+    steps = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, match in ((tmp_path / "folder", "is a folder"),
+                       (tmp_path / "file" / "t.safetensors", "cannot be created.*is a file")):
+        with pytest.raises(ValueError, match=match):
+            train_tuned_lens(model, store, steps=2, out=out)
+    assert steps == []
+    lens = train_tuned_lens(model, store, steps=1, out=tmp_path / "new" / "t.safetensors")
+    assert TunedLens.load(tmp_path / "new" / "t.safetensors", model).sites == lens.sites

@@ -11,8 +11,10 @@ Layout (format "residtap.probe", format_version 1):
               n_outputs, classes, label_column, threshold, metrics, model (identity or null),
               metadata (training details), residtap_version, and for attention probes position.
 
-Loading never unpickles anything, checks every tensor against the metadata, and raises
-ValueError naming what is wrong for a file that is not a probe, is damaged or was edited.
+Loading never unpickles anything, checks every tensor against the metadata (shape, float dtype,
+no NaN/Inf), and raises ValueError naming what is wrong for a file that is not a probe, is
+damaged or was edited. With `model`, the recorded identity must match: the same config and the
+same weights (residtap.identity; allow_other_weights=True accepts another checkpoint).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import __version__
-from ..identity import check_same_model, model_identity, read_safetensors
+from ..identity import check_finite, check_same_model, model_identity, read_safetensors
 from .attention import AttentionProbe
 from .linear import Probe
 
@@ -91,9 +93,11 @@ def save_probe(
     return path
 
 
-def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None) -> AnyProbe:
+def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+               allow_other_weights: bool = False) -> AnyProbe:
     """Read a probe file. With `model`, raise ValueError unless the probe was made for it
-    (same config hash and d_model)."""
+    (same config hash, weights fingerprint and d_model); allow_other_weights=True accepts a
+    probe made on another checkpoint of the same config (with a warning)."""
     path = Path(path)
     raw_meta, tensors = read_safetensors(path, "probe file")
     meta = _decode(raw_meta, path)
@@ -142,7 +146,8 @@ def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None) -> 
         if probe.model is None:
             log.warning("%s records no model identity; only d_model was checked", path)
         else:
-            check_same_model(probe.model, model, "probe")
+            check_same_model(probe.model, model, "probe",
+                             allow_other_weights=allow_other_weights)
     return probe
 
 
@@ -214,6 +219,7 @@ def _check_shapes(path: Path, kind: str, tensors: dict[str, Tensor], meta: dict[
                 f"(d_model={d}, n_outputs={c}) requires a float tensor of shape {shape}; "
                 "the file was damaged or edited"
             )
+    check_finite(path, {name: tensors[name] for name in expected}, "probe file")
     binary_outputs = kind in ("logistic", "diff_means") or (kind == "attention" and c == 1)
     if kind == "ridge":
         consistent = classes == []
