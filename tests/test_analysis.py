@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from residtap.analysis import (
+    ConstantActivationsError,
     LinearCKA,
     canonical_correlations,
     layer_similarity,
@@ -205,3 +206,63 @@ def test_layer_similarity_matrix():
     )
     with pytest.raises(ValueError, match="unknown method"):
         layer_similarity(acts, method="rsa")
+
+
+# ---------------------------------------------------------------------------------------------
+# a constant site: CKA is NaN, named once; SVCCA / PWCCA refuse it by name
+
+
+def _sites_with_a_constant_one(n: int = 120, seed: int = 10) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    acts = {"embed": torch.full((n, 6), 0.5, dtype=torch.float64)}  # e.g. one shared last token
+    acts |= {f"layers.{i}": torch.tensor(rng.normal(size=(n, 6))) for i in range(6)}
+    return acts
+
+
+def test_a_constant_site_gives_nan_cka_and_one_warning_naming_it(caplog):
+    acts = _sites_with_a_constant_one()
+    with caplog.at_level("DEBUG", logger="residtap"):
+        sim = layer_similarity(acts, method="cka")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "site(s) 'embed'" in warnings[0].getMessage()
+    assert sim[0].isnan().all() and sim[:, 0].isnan().all()
+    assert torch.isfinite(sim[1:, 1:]).all()
+    assert linear_cka(acts["embed"], acts["layers.0"]) != linear_cka(acts["embed"],
+                                                                      acts["layers.0"])  # NaN
+
+
+@pytest.mark.parametrize("method", ["svcca", "pwcca"])
+def test_cca_on_a_constant_site_fails_naming_it(method):
+    acts = _sites_with_a_constant_one()
+    fn = svcca if method == "svcca" else pwcca
+    with pytest.raises(ConstantActivationsError, match="y is constant over its 120 rows"):
+        fn(acts["layers.0"], acts["embed"])
+    with pytest.raises(ValueError, match=f"{method}: site 'embed' is constant over its 120 rows"):
+        layer_similarity(acts, method=method)
+    others = {k: v for k, v in acts.items() if k != "embed"}
+    with pytest.raises(ValueError, match="site 'embed' is constant"):
+        layer_similarity(others, {"embed": acts["embed"]}, method=method)
+
+
+def test_compare_stores_names_a_constant_site(tmp_path, caplog):
+    """`residtap compare` on a store whose 'embed' site is constant (every text ends with the
+    same token): one warning line for CKA, an error naming the site for SVCCA."""
+    from conftest import tiny_model
+
+    import residtap
+    from residtap.cli.compare import store_similarity
+
+    rows = [{"id": f"t{i}", "input_ids": [5 + i % 11, 9 + i % 3, 70], "label": i % 2}
+            for i in range(48)]
+    store = residtap.extract(tiny_model("llama", layers=6), None, rows,
+                             ["embed", *(f"layers.{i}" for i in range(6))], tmp_path / "s",
+                             positions="last", progress=False)
+    with caplog.at_level("DEBUG", logger="residtap"):
+        result = store_similarity(store, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["cka is undefined (NaN) for site(s) 'embed': constant over the rows, "
+                        "or too few rows for the debiased estimator"]
+    assert result.matrix[0].isnan().all() and torch.isfinite(result.matrix[1:, 1:]).all()
+    with pytest.raises(ValueError, match=r"svcca: site 'embed' of .*s is constant over its 48"):
+        store_similarity(store, method="svcca", progress=False)

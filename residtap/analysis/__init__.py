@@ -11,18 +11,22 @@ order (e.g. the same tokens of the same texts); computation is in float64.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .cca import canonical_correlations, pwcca, svcca
+from .cca import ConstantActivationsError, canonical_correlations, pwcca, svcca
 from .cka import ArrayLike, LinearCKA, linear_cka
+
+log = logging.getLogger(__name__)
 
 Method = Literal["cka", "cka_debiased", "svcca", "pwcca"]
 
 __all__ = [
+    "ConstantActivationsError",
     "LinearCKA",
     "canonical_correlations",
     "layer_similarity",
@@ -54,7 +58,25 @@ def layer_similarity(
     if not acts_a or not acts_b:
         raise ValueError("layer_similarity needs at least one site on each side")
     out = torch.empty(len(acts_a), len(acts_b), dtype=torch.float64)
-    for i, a in enumerate(acts_a.values()):
-        for j, b in enumerate(acts_b.values()):
-            out[i, j] = functions[method](a, b)
+    for i, (name_a, a) in enumerate(acts_a.items()):
+        for j, (name_b, b) in enumerate(acts_b.items()):
+            try:
+                out[i, j] = functions[method](a, b)
+            except ConstantActivationsError as err:
+                site = name_a if err.side == "x" else name_b
+                raise ValueError(
+                    f"{method}: site {site!r} is constant over its {err.rows} rows, so CCA is "
+                    "undefined for it (linear CKA gives NaN); leave that site out"
+                ) from err
+    warn_undefined(out, list(acts_a), list(acts_b), method)
     return out
+
+
+def warn_undefined(matrix: Tensor, sites_a: list[str], sites_b: list[str], method: str) -> None:
+    """One warning naming the sites whose whole row (or column) of `matrix` is NaN."""
+    rows = [s for s, row in zip(sites_a, matrix, strict=True) if bool(row.isnan().all())]
+    cols = [s for s, col in zip(sites_b, matrix.T, strict=True) if bool(col.isnan().all())]
+    named = list(dict.fromkeys(rows + cols))
+    if named:
+        log.warning("%s is undefined (NaN) for site(s) %s: constant over the rows, or too few "
+                    "rows for the debiased estimator", method, ", ".join(map(repr, named)))

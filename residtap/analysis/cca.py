@@ -34,6 +34,17 @@ from residtap.analysis.cka import ArrayLike, as_rows
 log = logging.getLogger(__name__)
 
 
+class ConstantActivationsError(ValueError):
+    """One side of a CCA is constant over the rows; `side` is "x" or "y"."""
+
+    def __init__(self, side: str, rows: int) -> None:
+        self.side, self.rows = side, rows
+        super().__init__(
+            f"{side} is constant over its {rows} rows, so CCA is undefined (linear CKA gives NaN "
+            "there); leave that site out of the comparison"
+        )
+
+
 
 def canonical_correlations(x: ArrayLike, y: ArrayLike) -> Tensor:
     """Canonical correlations (k,) of x (N, d_x) and y (N, d_y), descending, k = min ranks."""
@@ -51,7 +62,7 @@ def svcca(x: ArrayLike, y: ArrayLike, *, keep: float | int = 0.99) -> float:
         )
     bases = []
     for name, side in (("x", x), ("y", y)):
-        u, s = _basis(_centred(side, name))
+        u, s = _basis(_centred(side, name), name)
         energy = (s**2).cumsum(0) / (s**2).sum()
         if isinstance(keep, float):
             k = int((energy < keep - 1e-12).sum()) + 1
@@ -76,7 +87,7 @@ def _cca(xc: Tensor, yc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(
             f"x has {xc.shape[0]} rows but y has {yc.shape[0]}; pass the same rows of both"
         )
-    return _correlations_of_bases(_basis(xc)[0], _basis(yc)[0])
+    return _correlations_of_bases(_basis(xc, "x")[0], _basis(yc, "y")[0])
 
 
 def _correlations_of_bases(qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,13 +111,13 @@ def _correlations_of_bases(qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tens
     return s.clamp(max=1.0), qx @ u[:, :k], qy @ vh[:k].T
 
 
-def _basis(xc: Tensor) -> tuple[Tensor, Tensor]:
+def _basis(xc: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """(orthonormal basis U (N, r) of the column space, singular values (r,)), r = numeric rank."""
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
     tol = s[0] * max(xc.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
     r = int((s > tol).sum())
     if r == 0:
-        raise ValueError("activations are constant over the rows; CCA is undefined")
+        raise ConstantActivationsError(name, xc.shape[0])
     return u[:, :r], s[:r]
 
 

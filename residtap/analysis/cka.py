@@ -22,8 +22,9 @@ quantities, so streaming needs no O(N) storage:
     1ᵀK̃L̃1  = (Σx)ᵀ(Σ x yᵀ)(Σy) - (Σx)·(Σ l_i x_i) - (Σy)·(Σ k_i y_i) + Σ k_i l_i
 HSIC_u is exactly invariant to shifting x or y by a constant, so each source is shifted by its
 first batch's mean before accumulating, in float64, to avoid cancellation with large offsets.
-The debiased value can be slightly negative, or undefined (NaN, with a warning) when a
-self-similarity estimate is not positive.
+The debiased value can be slightly negative, or undefined (NaN) when a self-similarity
+estimate is not positive, e.g. for a site whose activations are constant over the rows
+(`layer_similarity` and `residtap compare` then name that site in one warning line).
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ def _gram_hsic_unbiased(k: Tensor, l: Tensor) -> float:
 
 
 def _ratio(xy: float, xx: float, yy: float) -> float:
-    if xx <= 0 or yy <= 0:
-        log.warning(
+    if xx <= 0 or yy <= 0:  # layer_similarity / compare name such sites once, as a warning
+        log.debug(
             "CKA undefined: a self-similarity HSIC is not positive (%g, %g); constant inputs, or "
             "too few rows for the debiased estimator; returning NaN",
             xx,

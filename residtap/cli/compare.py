@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from residtap.analysis import LinearCKA, pwcca, svcca
+from residtap.analysis import ConstantActivationsError, LinearCKA, pwcca, svcca, warn_undefined
 from residtap.cli.common import (
     add_json_flag,
     add_out,
@@ -183,6 +183,7 @@ def store_similarity(store_a: Store | str | os.PathLike[str],
         matrix[i, j] = v
         if same and sites_a == sites_b and method in _SYMMETRIC:
             matrix[j, i] = v
+    warn_undefined(matrix, sites_a, sites_b, method)  # one line, naming the sites
     return StoreSimilarity(matrix, sites_a, sites_b, method, len(a), str(a.folder),
                            str(b.folder))
 
@@ -236,7 +237,15 @@ def _in_memory(a: Store, b: Store, sites_a: list[str], sites_b: list[str],
                      disable=not progress or None):
         if cached is None or cached[0] != i:
             cached = (i, a[sites_a[i]].double())  # (N, d_a): one site of A in memory
-        out[(i, j)] = float(fn(cached[1], b[sites_b[j]]))
+        try:
+            out[(i, j)] = float(fn(cached[1], b[sites_b[j]]))
+        except ConstantActivationsError as err:
+            site, store = (sites_a[i], a) if err.side == "x" else (sites_b[j], b)
+            raise ValueError(
+                f"{method}: site {site!r} of {store.folder} is constant over its {err.rows} rows, "
+                "so CCA is undefined for it (CKA gives NaN); leave it out with --sites-a / "
+                "--sites-b"
+            ) from err
     return out
 
 
