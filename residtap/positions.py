@@ -9,7 +9,11 @@ A positions policy is one of:
     BoolTensor (B, T)      the positions where the mask is True, row-major: (N, ...)
 
 Real tokens are those where `attention_mask` is 1; without a mask every position is real.
-Everything is done with tensor ops on the activations' device: no host synchronisation.
+A row with no real token (an all-padding row) has no last token and no k-th token: "last" and
+indices refuse it (ValueError / IndexError naming the row) rather than read a pad, as the probe
+bank's "prompt_last" and "generated" do; "all" and masks keep what they are given.
+Everything is done with tensor ops on the activations' device; the only host synchronisation is
+the one check per call behind those errors (a clear error instead of wrong rows).
 """
 
 from __future__ import annotations
@@ -82,8 +86,14 @@ def select_positions(
         return hidden[positions.to(hidden.device)]
     arange = torch.arange(T, device=hidden.device)
     if isinstance(positions, str):  # "last": the highest real position of each row
-        last = torch.where(real, arange, -1).amax(dim=1)  # (B,)
-        return hidden[torch.arange(B, device=hidden.device), last.clamp(min=0)]
+        last = torch.where(real, arange, -1).amax(dim=1)  # (B,); -1: no real token
+        if bool((last < 0).any()):  # one sync, only to give a clear error instead of a pad's row
+            row = int((last < 0).nonzero()[0])
+            raise ValueError(
+                f"row {row} has no real token (its attention mask is all zeros), so "
+                "positions='last' has no token to read; remove empty rows from the batch"
+            )
+        return hidden[torch.arange(B, device=hidden.device), last]
     index = torch.as_tensor(positions, device=hidden.device, dtype=torch.long)  # (K,)
     # Real positions of each row, in order: sort keys put real tokens first, stably.
     key = torch.where(real, arange, arange + T)

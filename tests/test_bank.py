@@ -396,3 +396,73 @@ def test_early_exit_curve_plumbing_on_a_tiny_model():
     assert curve[0]["tokens_saved_frac"] == 0 and curve[1]["tokens"] == curve[0]["tokens"]
     assert curve[2]["stopped_frac"] == 1.0 and curve[2]["tokens"] == 1.0  # stops at token 0
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in curve)
+
+
+def test_probes_recorded_model_is_checked_at_attach(tmp_path):
+    """Issue 15: add_probe(load_probe(p)) and add_file without model= skipped the check."""
+    from residtap.identity import model_identity
+    from residtap.probes import Probe, load_probe, save_probe
+
+    model, other = tiny_model("llama", layers=4), tiny_model("llama", layers=4, seed=1)
+    probe = Probe("logistic", torch.randn(1, D), torch.zeros(1), classes=[0, 1], site="layers.2",
+                  model=model_identity(model))
+    path = save_probe(probe, tmp_path / "p.safetensors")
+    banks = [ProbeBank().add_probe(load_probe(path)), ProbeBank().add_file(path),
+             ProbeBank().add("raw", torch.randn(D), site="layers.2",
+                             model=model_identity(model))]
+    ids, mask = left_padded(PROMPTS)
+    for bank in banks:
+        with pytest.raises(ValueError, match="probe '.*' was made on other weights"):
+            bank.attach(other, positions="prompt_last")
+        with torch.no_grad(), bank.attach(model, positions="prompt_last") as run:
+            model(input_ids=ids, attention_mask=mask)
+        assert run.results().scores.shape == (3, 1, 1)
+    with torch.no_grad(), banks[0].attach(other, positions="prompt_last",
+                                          allow_other_weights=True) as run:
+        other(input_ids=ids, attention_mask=mask)
+    small = tiny_model("llama", layers=4, d=16)
+    with pytest.raises(ValueError, match="config hash"):
+        banks[1].attach(small)
+
+
+@pytest.mark.parametrize("positions", ["prompt_last", "generated"])
+def test_an_all_padding_row_is_refused_like_capture_last(positions):
+    """Before: the bank read a pad position and marked it valid with a score, while capture's
+    positions='last' read position 0. Both refuse it now, naming the row."""
+    model, bank = tiny_model("llama", layers=4), make_bank()
+    ids, mask = left_padded(PROMPTS)
+    mask[1] = 0  # row 1: nothing but padding
+    with pytest.raises(ValueError, match="row 1 of the batch has no real token"), \
+            torch.no_grad(), bank.attach(model, positions=positions, max_tokens=2):
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), residtap.capture(model, ["layers.1"], positions="last") as acts:
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="row 1 has no real token"):
+        _ = acts["layers.1"]
+    with torch.no_grad(), bank.attach(model, positions="prompt") as run:  # pads: not valid
+        model(input_ids=ids, attention_mask=mask)
+    assert not run.results().valid[1].any() and run.results().valid[0].all()
+
+
+def test_under_compile_an_all_padding_row_is_marked_not_valid():
+    """A traced forward cannot raise on a device value: the row's slot is not valid instead."""
+    import torch._dynamo as dynamo
+
+    model, bank = tiny_model("llama", layers=2), ProbeBank()
+    bank.add("a", torch.randn(D), 0.5, site="layers.0")
+    ids, mask = left_padded(PROMPTS)
+    mask[1] = 0
+
+    def forward(x, m):
+        return model(input_ids=x, attention_mask=m, use_cache=False).logits
+
+    try:
+        dynamo.reset()
+        with torch.no_grad(), bank.attach(model, batch_size=3, max_tokens=1,
+                                          positions="prompt_last", aggregate="max") as run:
+            torch.compile(forward, fullgraph=True, backend="aot_eager")(ids, mask)
+            got = run.results()
+    finally:
+        dynamo.reset()
+    assert got.valid[:, 0].tolist() == [True, False, True]
+    assert torch.isinf(got.aggregates["max"][1]).all()  # nothing aggregated for the empty row

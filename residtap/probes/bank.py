@@ -25,6 +25,13 @@ Positions ("which tokens get a score"):
     "prompt_last"  the prompt's last real token only. (B, 1, P)
     "prompt"       every prompt position, pads included (marked invalid). (B, T_prompt, P)
     "all"          every position fed: prompt then each decode step. (B, T_prompt + new - 1, P)
+A row with no real token has no last token: "generated" and "prompt_last" refuse it (see
+bank_run.py).
+
+Model identity: a probe that records the model it was trained on (a trained Probe, a probe file)
+is checked at `attach` against the model it is attached to, config and weights fingerprint
+(residtap.identity), as a steering vector is; `allow_other_weights=True` accepts probes made on
+another checkpoint of the same config. Raw tensors (`add`) record no model unless given one.
 
 Aggregates over the scored tokens (pads and rows stopped early are skipped), in device buffers:
 "max", "mean" and "ema" (exponential moving average, bias-corrected so the first token counts
@@ -44,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from residtap.identity import check_same_model
 from residtap.probes.bank_run import (
     AGGREGATES,
     POSITION_MODES,
@@ -70,6 +78,7 @@ class BankProbe:
     bias: Tensor  # (C,)
     classes: list[Any] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None  # identity of the model it was trained on, if known
 
     @property
     def columns(self) -> list[str]:
@@ -124,8 +133,11 @@ class ProbeBank:
         site: str,
         classes: Sequence[Any] = (),
         metadata: dict[str, Any] | None = None,
+        model: dict[str, Any] | None = None,
     ) -> ProbeBank:
-        """Add a probe from raw tensors: weight (C, d) or (d,), bias (C,), scalar or None."""
+        """Add a probe from raw tensors: weight (C, d) or (d,), bias (C,), scalar or None.
+        model: the identity (residtap.identity.model_identity) of the model it was made on,
+        checked at `attach`."""
         if not isinstance(weight, Tensor):
             raise TypeError(
                 f"weight of probe {name!r} must be a torch.Tensor (C, d) or (d,), "
@@ -162,12 +174,14 @@ class ProbeBank:
                 bias.detach().clone(),
                 list(classes),
                 dict(metadata or {}),
+                model,
             )
         )
         return self
 
     def add_probe(self, probe: Any, name: str | None = None, site: str | None = None) -> ProbeBank:
-        """Add a trained probe object (weight (C, d), bias (C,), classes, site, metadata)."""
+        """Add a trained probe object (weight (C, d), bias (C,), classes, site, metadata, and
+        the model identity it records, checked at `attach`)."""
         for attr in ("weight", "bias"):
             if not hasattr(probe, attr):
                 raise TypeError(
@@ -184,7 +198,9 @@ class ProbeBank:
         classes = list(getattr(probe, "classes", None) or [])
         if probe.weight.shape[0] == 1 and len(classes) == 2:
             classes = classes[1:]  # binary: the single column scores the positive class
-        return self.add(name, probe.weight, probe.bias, site=site, classes=classes, metadata=meta)
+        identity = getattr(probe, "model", None)
+        return self.add(name, probe.weight, probe.bias, site=site, classes=classes, metadata=meta,
+                        model=identity if isinstance(identity, dict) else None)
 
     def layout(self, model: nn.Module, arch: Arch | None = None) -> _Layout:
         """The probes packed per resolved site for `model` (cached until the bank changes):
@@ -235,12 +251,14 @@ class ProbeBank:
         return packs, names, probe_columns, device
 
     def add_file(self, path: str | os.PathLike[str], name: str | None = None, *,
-                 model: nn.Module | None = None) -> ProbeBank:
+                 model: nn.Module | None = None, allow_other_weights: bool = False
+                 ) -> ProbeBank:
         """Add a linear probe saved with `residtap.probes.save_probe` (name: the file's stem).
-        With `model`, the file's recorded model identity is checked against it."""
+        The file's recorded model identity is checked now against `model` if given, and in any
+        case at `attach`."""
         from residtap.probes.files import load_probe
 
-        probe = load_probe(path, model=model)
+        probe = load_probe(path, model=model, allow_other_weights=allow_other_weights)
         if getattr(probe, "kind", None) == "attention":
             raise TypeError(f"{path} holds an attention probe, which pools over a whole "
                             "sequence; a probe bank reads linear probes per token (logistic, "
@@ -268,6 +286,7 @@ class ProbeBank:
         timed: bool = False,
         arch: Arch | None = None,
         defer: int = 0,
+        allow_other_weights: bool = False,
     ) -> BankRun:
         """A context manager that reads every probe during the forwards run inside it.
 
@@ -278,7 +297,13 @@ class ProbeBank:
         timed: accumulate wall time spent in the bank's own tap code (`run.tap_seconds`).
         defer: stage up to this many one-token decode steps and read them with one matmul per
         site (see bank_run.py); scores are the same, read through results(), aggregate(),
-        early exit or the streamer (or run.scores after run.flush()). 0: read every forward."""
+        early exit or the streamer (or run.scores after run.flush()). 0: read every forward.
+        Each probe's recorded model must be `model` (config and weights fingerprint);
+        allow_other_weights=True accepts probes made on another checkpoint of its config."""
+        for p in self.probes:
+            if p.model is not None and p.model.get("config_hash"):
+                check_same_model(p.model, model, f"probe {p.name!r}",
+                                 allow_other_weights=allow_other_weights)
         return BankRun(
             self,
             model,

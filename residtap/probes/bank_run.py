@@ -23,6 +23,13 @@ several times slower than the same call in a warm loop; see BENCHMARKS.md.
 `_begin` flushes when the ring is full or the sequence of slots breaks; `results()`,
 `aggregate()`, early exit, the streamer and leaving the `with` block flush first, so every way
 of reading scores sees them all. Only `run.scores` read directly mid-generate needs `flush()`.
+
+An all-padding row (attention mask all zeros) has no last prompt token: "prompt_last" and
+"generated" refuse it at the prefill with a ValueError naming the row, as positions="last" does
+in capture (residtap.positions), instead of scoring a pad. That check reads one bool per run
+(at the prefill); a forward traced by torch.compile cannot raise on a device value, so there the
+row's slot is marked not valid instead, never scored as if it were real. "prompt" and "all"
+mark every pad not valid, so such a row simply has no valid slot.
 """
 
 from __future__ import annotations
@@ -214,6 +221,16 @@ class BankRun(TapBlock):
         needs_real = past == 0 or self.positions == "all"
         # (B, T): which of this forward's tokens are real (None: all of them)
         real = mask[:, past:].bool() if mask is not None and needs_real else None
+        has_real = None  # (B,) bool: rows with a last real token, for the last-token modes
+        if past == 0 and real is not None and self.positions in ("generated", "prompt_last"):
+            has_real = real.any(dim=1)
+            if not torch.compiler.is_compiling() and not bool(has_real.all()):  # one sync a run
+                row = int((~has_real).nonzero()[0])
+                raise ValueError(
+                    f"row {row} of the batch has no real token (its attention mask is all "
+                    f"zeros), so positions={self.positions!r} has no last prompt token to "
+                    "score; remove empty prompts from the batch"
+                )
         if past == 0:
             self._new_run(T)
         elif self.run_id < 0:
@@ -230,6 +247,8 @@ class BankRun(TapBlock):
                 self._pick = self._last_real(real, T)
                 self._last_only = self._pick is None
                 weights = self.active[:, None]
+                if has_real is not None:  # compiled: no error possible, so never a pad's score
+                    weights = weights & has_real[:, None]
             elif mode == "generated":
                 first = past - self.prompt_len + 1
                 slots = (first, first + T)
