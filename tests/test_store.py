@@ -644,7 +644,7 @@ def test_damaged_manifest_and_samples_files_give_clear_errors(tmp_path, damage):
         samples.write_text(samples.read_text().splitlines()[0] + "\n")
         match = "holds 1 records but the manifest lists"
     with pytest.raises(ValueError, match=match):
-        Store.open(out).samples
+        _ = Store.open(out).samples
 
 
 def test_read_only_or_file_outputs_are_refused_before_any_forward(tmp_path):
@@ -720,3 +720,24 @@ def test_ragged_csv_rows_whitespace_texts_and_mixed_labels_are_refused(tmp_path)
         with pytest.raises(ValueError, match=match):
             extract(model, tok, tmp_path / name, SITES, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_compare_refuses_stores_of_other_texts_with_the_same_ids_and_lengths(tmp_path, capsys):
+    """Before: only ids and (sample, position) rows were compared, so these were 'aligned'."""
+    from residtap.cli.compare import store_similarity
+
+    model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(5)
+    swapped = [{**r, "text": " ".join(WORDS[(WORDS.index(w) + 1) % len(WORDS)]
+                                       for w in r["text"].split())} for r in rows]
+    a = extract(model, tok, rows, SITES, tmp_path / "a", progress=False)
+    b = extract(model, tok, swapped, SITES, tmp_path / "b", progress=False)
+    assert torch.equal(a.groups(), b.groups()) and a.metadata("id") == b.metadata("id")
+    with pytest.raises(ValueError, match="different data.*fingerprint"):
+        store_similarity(a, b, progress=False)
+    assert main(["compare", str(a.folder), str(b.folder)]) == 2
+    assert "different data" in capsys.readouterr().err
+    forced = store_similarity(a, b, allow_other_data=True, progress=False)
+    assert forced.matrix.shape == (2, 2)
+    other_model = extract(tiny_model("llama", seed=3), tok, rows, SITES, tmp_path / "c",
+                          progress=False)  # same data, another model: aligned
+    assert store_similarity(a, other_model, progress=False).rows == len(a)

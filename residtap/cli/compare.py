@@ -4,7 +4,11 @@ Prints a table; with --out, also writes compare.json, compare.png and compare.ht
 
 The two stores must hold the same rows: the same samples (ids) and the same token positions in
 the same order, e.g. the same data extracted from two models (or checkpoints) that share a
-tokenizer. Anything else is refused with the first row that differs.
+tokenizer. Anything else is refused with the first row that differs. The stores must also
+record the same data fingerprint (a hash of every sample's id, text or token ids and metadata):
+two data sets with the same ids and lengths but other texts are not aligned.
+`--allow-other-data` (allow_other_data=True) skips only that check, e.g. for the same texts
+saved with other metadata columns.
 
 CKA ("cka", "cka_debiased") is streamed over row batches with `LinearCKA`, so the number of rows
 is not limited by memory: every pair of sites needs O(d_a² + d_b² + d_a d_b) float64 sums, and
@@ -107,8 +111,9 @@ class StoreSimilarity:
         return paths
 
 
-def check_aligned(a: Store, b: Store) -> None:
-    """Raise ValueError unless `a` and `b` hold the same samples and positions, row by row."""
+def check_aligned(a: Store, b: Store, *, allow_other_data: bool = False) -> None:
+    """Raise ValueError unless `a` and `b` hold the same samples and positions, row by row, made
+    from the same data (the data fingerprints the stores record; allow_other_data skips it)."""
     fix = ("extract both stores from the same data with the same positions and the same "
            "tokenizer (residtap.extract(..., positions=...)), then compare again")
     if len(a) != len(b):
@@ -135,6 +140,17 @@ def check_aligned(a: Store, b: Store) -> None:
                 f"the stores are not aligned: sample {i} has id {x!r} in {a.folder} but "
                 f"{y!r} in {b.folder}; {fix}"
             )
+    data_a, data_b = (s.manifest.get("settings", {}).get("data") for s in (a, b))
+    if data_a is None or data_b is None:
+        log.warning("compare: %s records no data fingerprint; only ids and positions were "
+                    "checked", a.folder if data_a is None else b.folder)
+    elif data_a != data_b and not allow_other_data:
+        raise ValueError(
+            f"the stores hold different data: the same ids and positions, but {a.folder} was "
+            f"made from data with fingerprint {data_a} and {b.folder} from {data_b} (other texts "
+            f"or metadata); {fix}, or pass allow_other_data=True (--allow-other-data) if only "
+            "the metadata differs"
+        )
 
 
 def _pair_bytes(d_a: int, d_b: int) -> int:
@@ -152,11 +168,13 @@ def store_similarity(store_a: Store | str | os.PathLike[str],
                      store_b: Store | str | os.PathLike[str] | None = None, *,
                      method: Method = "cka", sites_a: list[str] | None = None,
                      sites_b: list[str] | None = None, batch_rows: int = 4096,
-                     memory_budget: int = 2**30, progress: bool = True) -> StoreSimilarity:
+                     memory_budget: int = 2**30, progress: bool = True,
+                     allow_other_data: bool = False) -> StoreSimilarity:
     """Site x site similarity between two aligned stores (default: `store_a` with itself).
 
     method: "cka" (linear, biased), "cka_debiased", "svcca" or "pwcca". CKA streams batches of
     `batch_rows` rows; its per-pair sums are grouped into passes that fit `memory_budget` bytes.
+    The stores must be aligned (`check_aligned`; allow_other_data skips the data fingerprint).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -164,7 +182,7 @@ def store_similarity(store_a: Store | str | os.PathLike[str],
     b = a if store_b is None else store_b if isinstance(store_b, Store) else Store.open(store_b)
     same = b is a or Path(b.folder).resolve() == Path(a.folder).resolve()
     if not same:
-        check_aligned(a, b)
+        check_aligned(a, b, allow_other_data=allow_other_data)
     sites_a, sites_b = list(sites_a or a.sites), list(sites_b or b.sites)
     for store, sites in ((a, sites_a), (b, sites_b)):
         missing = [s for s in sites if s not in store]
@@ -267,6 +285,9 @@ def register(sub) -> None:
                    help="memory for the streamed CKA sums, MiB (1024)")
     add_out(p, "folder", "compare.json, compare.png and compare.html", required=False)
     p.add_argument("--no-png", action="store_true", help="skip compare.png (no matplotlib)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="compare stores whose data fingerprints differ (same ids and positions, "
+                        "e.g. other metadata columns)")
     add_progress_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -284,7 +305,8 @@ def run(args) -> int:
                                                         layer_sites_of((b or a).sites)),
                               batch_rows=args.batch_rows,
                               memory_budget=args.memory_budget_mb * 2**20,
-                              progress=progress(args))
+                              progress=progress(args),
+                              allow_other_data=args.allow_other_data)
     files = result.save(args.out, png=not args.no_png) if args.out else {}
     if args.json:
         emit_json(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}})
