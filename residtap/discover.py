@@ -141,6 +141,17 @@ def probe_inputs(model: nn.Module) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _plain(x: Tensor | None) -> Tensor | None:
+    """A detached, cloned plain tensor; a DTensor (tensor parallelism) is gathered in full (a
+    collective: every rank records the same calls in the same order)."""
+    if x is None:
+        return None
+    full = getattr(x, "full_tensor", None)
+    if callable(full):
+        x = full()
+    return x.detach().clone()
+
+
 @contextmanager
 def _recording_hooks(model: nn.Module, calls: dict[str, Call]) -> Iterator[None]:
     handles = []
@@ -150,9 +161,7 @@ def _recording_hooks(model: nn.Module, calls: dict[str, Call]) -> Iterator[None]
         def hook(module, args, kwargs):
             counter[0] += 1
             if path not in calls:
-                x = _first_tensor(args, kwargs)
-                x = None if x is None else x.detach().clone()
-                calls[path] = Call(path, counter[0], input=x)
+                calls[path] = Call(path, counter[0], input=_plain(_first_tensor(args, kwargs)))
         return hook
 
     def post(path):
@@ -163,7 +172,7 @@ def _recording_hooks(model: nn.Module, calls: dict[str, Call]) -> Iterator[None]
                 call.end = counter[0]
                 y = _output_tensor(output)
                 if y is not None:
-                    call.output, call.live = y.detach().clone(), y
+                    call.output, call.live = _plain(y), y
         return hook
 
     try:
@@ -225,13 +234,14 @@ def record(model: nn.Module, blocks: str) -> Recording:
         out = model(**inputs, output_hidden_states=True, return_dict=True)
     mutated = {p for p, c in calls.items()
                if c.live is not None and c.live.shape == c.output.shape
-               and not torch.equal(c.live, c.output)}  # fmt: skip
+               and not torch.equal(_plain(c.live), c.output)}  # fmt: skip
     for c in calls.values():
         c.live = None
     hidden = getattr(out, "hidden_states", None)
     logits = getattr(out, "logits", None)
     return Recording(blocks, len(model.get_submodule(blocks)), calls,
-                     tuple(hidden) if hidden is not None else None, logits, mutated)
+                     tuple(_plain(h) for h in hidden) if hidden is not None else None,
+                     _plain(logits), mutated)
 
 
 # ------------------------------------------------------------------------------ comparisons

@@ -110,6 +110,25 @@ class ShardedOutput:
         return hidden.narrow(-1, self.rank * self.local, self.local).contiguous()
 
 
+def tensor_parallel_kwargs() -> dict[str, object]:
+    """`from_pretrained` keywords for Hugging Face tensor parallelism:
+    `distributed_config=DistributedConfig(tp_plan="auto")`. Imported here, lazily, so that only
+    `--distributed tensor` needs that API: it exists from transformers 5 (tested on 5.17 and
+    5.24); on 4.x this raises, naming the version, while everything else works there."""
+    import transformers
+
+    try:
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except (ImportError, TypeError) as err:
+        raise RuntimeError(
+            f"tensor parallelism needs transformers >= 5 (DistributedConfig(tp_plan='auto')); "
+            f"this is transformers {transformers.__version__}. Upgrade transformers, or run "
+            "without --distributed tensor (data parallelism works on every supported version)"
+        ) from err
+
+
 def output_sharding(module: nn.Module) -> ShardedOutput | None:
     """How `module`'s output is sharded under tensor parallelism, or None when it is full.
 

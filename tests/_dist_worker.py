@@ -82,17 +82,16 @@ def uneven_readout_decode(sharded: bool) -> dict[str, torch.Tensor]:
 def main(mode: str, model_dir: str, out: str) -> None:
     rank, world = rd.init(timeout_s=60)
     from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
     if mode == "tp":
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, distributed_config=DistributedConfig(tp_plan="auto")).eval()
+            model_dir, **rd.tensor_parallel_kwargs()).eval()
         ids = torch.tensor([[5, 9, 13, 22, 40, 7], [8, 31, 4, 3, 2, 1]])
         with torch.no_grad(), residtap.capture(model, CAPTURE_SITES) as acts:
             model(input_ids=ids)
         seen = {site: acts[site] for site in CAPTURE_SITES}
         local_q = model.model.layers[0].self_attn.q_proj.weight.to_local().shape
-        local_lm_head = model.get_output_embeddings().weight.to_local().shape
+        head = model.get_output_embeddings().weight  # a DTensor from 5.x, a local shard in 4.57
+        local_lm_head = head.to_local().shape if hasattr(head, "to_local") else head.shape
         residtap.extract(model, None, IDS, ["layers.0", "layers.2"], f"{out}/tp-store",
                          positions="all", batch_size=3, shard_rows=10, progress=False,
                          distributed="tensor")

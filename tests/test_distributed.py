@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 
 import residtap
@@ -42,13 +43,27 @@ def model_dir(tmp_path_factory):
     return path
 
 
+TP_NEEDS_5 = int(transformers.__version__.split(".")[0]) < 5
+
+
 @pytest.fixture(scope="module")
 def tp_run(model_dir, tmp_path_factory):
     """One `tp` launch shared by the tensor-parallel tests: the folder with rank-R.pt."""
+    if TP_NEEDS_5:
+        pytest.skip(f"tensor parallelism needs transformers >= 5 (DistributedConfig(tp_plan)); "
+                    f"this is {transformers.__version__}: test_tp_on_4x_is_refused_clearly")
     out = tmp_path_factory.mktemp("tp_run")
     proc = torchrun("tp", model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.mark.skipif(not TP_NEEDS_5, reason="transformers >= 5 has DistributedConfig(tp_plan)")
+def test_tp_on_4x_is_refused_clearly():
+    from residtap.distributed import tensor_parallel_kwargs
+
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 5.*this is transformers 4"):
+        tensor_parallel_kwargs()
 
 
 def single_process_model(model_dir):
