@@ -31,6 +31,7 @@ with torch.no_grad(), residtap.capture(model, ["embed", "layers.3", "logits"],
     model(**batch)
 h3 = acts["layers.3"]  # (B, d_model) = (2, 128)
 print("layers.3 at the last token:", tuple(h3.shape))
+print(acts)  # every site with its shape, the runs and forwards; never the values
 
 # The canonical names line up with Hugging Face's own hidden_states:
 # embed == hidden_states[0] and layers.i == hidden_states[i + 1].

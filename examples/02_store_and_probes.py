@@ -47,4 +47,4 @@ print("wrote", paths["json"].name, "and", Path(probe_file).name)
 
 # %% Load it back: the file is checked against the model it was trained on.
 loaded = load_probe(OUT / "mood.safetensors", model=model)
-print("loaded probe:", loaded.kind, "at", loaded.site, "classes", loaded.classes)
+print("loaded:", loaded)  # kind, site, d_model, classes, metrics; never the weights

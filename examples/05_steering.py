@@ -20,15 +20,21 @@ OUT = OUT / "05_steering"
 OUT.mkdir(parents=True, exist_ok=True)
 
 model, tok = organism.load()
-pairs = organism.read_jsonl("mood_pairs")  # {"positive", "negative"}: the same prefix, swapped
+# (positive, negative): the same story prefix with every mood word swapped
+pairs = [(p["positive"], p["negative"]) for p in organism.read_jsonl("mood_pairs")]
 ab = organism.read_jsonl("mood_ab")[:60]  # CAA-style A/B prompts; a subset keeps this quick
 
 # %% A steering vector: the mean difference of positive minus negative at layers.3,
 # read at each text's last token.
-vec = residtap.SteeringVector.from_pairs(model, tok, [p["positive"] for p in pairs],
-                                         [p["negative"] for p in pairs], site="layers.3")
-print(vec)
+vec = residtap.SteeringVector.from_pairs(model, tok, pairs, site="layers.3")
+print(vec)  # SteeringVector(site='layers.3', method='mean_diff', pairs=..., d_model=128, ...)
 vec.save(OUT / "mood.safetensors")
+
+# %% The vector added inside a `with` block (removed on exit, even on an error).
+prompt = tok(["the fog"], return_tensors="pt")
+with vec.apply(model, 1.0):
+    steered = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+print("steered +1:", tok.decode(steered[0, prompt["input_ids"].shape[1]:]))
 
 # %% Steerability: propensity (logit of the matching answer minus the other) against strength,
 # per example. All strengths run as batched rows, each row with its own strength; a random
