@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
 
 from residtap import presets
 
@@ -129,7 +130,9 @@ def verdict_for(overhead: float) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The numbers of a decoder that cost depends on, counted exactly from its config."""
+    """The numbers of a decoder that cost depends on, counted exactly from its config: the
+    model is built on the meta device (no memory, no weights) and its parameters are counted
+    by the parts residtap.arch finds, the same entry sites and the lens use."""
 
     model_type: str
     d_model: int
@@ -143,6 +146,8 @@ class ModelShape:
     lookup_params: int  # tables read by index: token embedding unless tied, learned positions
     unembedding_params: int  # the lm_head matrix (the embedding table when tied)
     windows: tuple[int | None, ...]  # per layer: sliding attention window, None for full
+    expert_params: int = 0  # parameters of mixture-of-experts experts (all of them)
+    active_experts: float = 1.0  # fraction of the experts each token runs (top-k / experts)
 
     @property
     def n_params(self) -> int:
@@ -151,16 +156,18 @@ class ModelShape:
 
     @property
     def matmul_params(self) -> int:
-        """Weights that multiply every token's activations: all but the lookup tables."""
+        """Weights that multiply every token's activations: all but the lookup tables (for a
+        mixture of experts, all experts: the weights a forward may read)."""
         return self.n_params - self.lookup_params
+
+    @property
+    def active_matmul_params(self) -> int:
+        """Weights one token is multiplied by: a mixture of experts runs top-k experts only."""
+        return self.matmul_params - round(self.expert_params * (1 - self.active_experts))
 
     @property
     def d_attn(self) -> int:
         return self.n_heads * self.head_dim
-
-
-def _linear(n_in: int, n_out: int, bias: bool) -> int:
-    return n_in * n_out + (n_out if bias else 0)
 
 
 def _windows(cfg: PretrainedConfig, n_layers: int) -> tuple[int | None, ...]:
@@ -171,94 +178,100 @@ def _windows(cfg: PretrainedConfig, n_layers: int) -> tuple[int | None, ...]:
     return (window,) * n_layers
 
 
-def _gated(cfg: PretrainedConfig, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False,
-           norms_per_layer: int = 2, qk_norm: bool = False) -> ModelShape:  # fmt: skip
-    """Llama-style decoders: RMSNorm, GQA attention, gated MLP (gate, up, down)."""
-    d, n_layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or d // heads
-    ff, vocab, tied = cfg.intermediate_size, cfg.vocab_size, bool(cfg.tie_word_embeddings)
-    attn = (_linear(d, heads * hd, qkv_bias) + 2 * _linear(d, kv * hd, qkv_bias)
-            + _linear(heads * hd, d, o_bias) + (2 * hd if qk_norm else 0))  # fmt: skip
-    mlp = 2 * _linear(d, ff, mlp_bias) + _linear(ff, d, mlp_bias)
-    parts = {"embedding": vocab * d, "attention": n_layers * attn, "mlp": n_layers * mlp,
-             "norms": (n_layers * norms_per_layer + 1) * d,
-             "unembedding": 0 if tied else vocab * d}  # fmt: skip
-    return ModelShape(cfg.model_type, d, n_layers, heads, kv, hd, vocab, tied, parts,
-                      lookup_params=0 if tied else vocab * d, unembedding_params=vocab * d,
-                      windows=_windows(cfg, n_layers))  # fmt: skip
+def _first(cfg: PretrainedConfig, *keys: str) -> Any:
+    return next((getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None), None)
 
 
-def _gpt2(cfg: PretrainedConfig) -> ModelShape:
-    d, n_layers, heads, vocab = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
-    ff, tied = cfg.n_inner or 4 * d, bool(cfg.tie_word_embeddings)
-    attn = _linear(d, 3 * d, True) + _linear(d, d, True)
-    mlp = _linear(d, ff, True) + _linear(ff, d, True)
-    positions = cfg.n_positions * d
-    parts = {"embedding": vocab * d, "position_embedding": positions,
-             "attention": n_layers * attn, "mlp": n_layers * mlp,
-             "norms": (2 * n_layers + 1) * 2 * d, "unembedding": 0 if tied else vocab * d}
-    lookup = positions + (0 if tied else vocab * d)
-    return ModelShape(cfg.model_type, d, n_layers, heads, heads, d // heads, vocab, tied, parts,
-                      lookup, vocab * d, (None,) * n_layers)  # fmt: skip
+def _kv_heads(cfg: PretrainedConfig, heads: int) -> int:
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        return 1  # Falcon-7B style
+    return int(_first(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv") or heads)
 
 
-def _gpt_neox(cfg: PretrainedConfig) -> ModelShape:
-    d, n_layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
-    vocab, ff, bias = cfg.vocab_size, cfg.intermediate_size, cfg.attention_bias
-    tied = bool(cfg.tie_word_embeddings)
-    attn = _linear(d, 3 * d, bias) + _linear(d, d, bias)
-    mlp = _linear(d, ff, True) + _linear(ff, d, True)
-    parts = {"embedding": vocab * d, "attention": n_layers * attn, "mlp": n_layers * mlp,
-             "norms": (2 * n_layers + 1) * 2 * d, "unembedding": 0 if tied else vocab * d}
-    return ModelShape(cfg.model_type, d, n_layers, heads, heads, d // heads, vocab, tied, parts,
-                      0 if tied else vocab * d, vocab * d, (None,) * n_layers)  # fmt: skip
+def meta_model(cfg: PretrainedConfig) -> nn.Module:
+    """The causal-LM model of `cfg` on the meta device: its modules and parameter shapes, no
+    memory and no weights. LookupError when transformers has no causal LM for the config."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-
-def _opt(cfg: PretrainedConfig) -> ModelShape:
-    d, n_layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
-    vocab, e, ff = cfg.vocab_size, cfg.word_embed_proj_dim, cfg.ffn_dim
-    bias, tied = cfg.enable_bias, bool(cfg.tie_word_embeddings)
-    norm = 2 * d if cfg.layer_norm_elementwise_affine else 0
-    final = cfg.do_layer_norm_before and not getattr(cfg, "_remove_final_layer_norm", False)
-    positions = (cfg.max_position_embeddings + 2) * d  # OPT offsets positions by 2
-    parts = {"embedding": vocab * e, "position_embedding": positions,
-             "projections": 0 if e == d else 2 * d * e,
-             "attention": n_layers * 4 * _linear(d, d, bias),
-             "mlp": n_layers * (_linear(d, ff, bias) + _linear(ff, d, bias)),
-             "norms": (2 * n_layers + (1 if final else 0)) * norm,
-             "unembedding": 0 if tied else vocab * e}  # fmt: skip
-    lookup = positions + (0 if tied else vocab * e)
-    return ModelShape(cfg.model_type, d, n_layers, heads, heads, d // heads, vocab, tied, parts,
-                      lookup, vocab * e, (None,) * n_layers)  # fmt: skip
-
-
-def _attn_bias(cfg: PretrainedConfig) -> bool:
-    return bool(getattr(cfg, "attention_bias", False))
-
-
-# model_type -> counter. An architecture not here is an error, never a guess.
-ARCHITECTURES: dict[str, Callable[[PretrainedConfig], ModelShape]] = {
-    "llama": lambda c: _gated(c, qkv_bias=_attn_bias(c), o_bias=_attn_bias(c),
-                              mlp_bias=bool(getattr(c, "mlp_bias", False))),
-    "mistral": lambda c: _gated(c, qkv_bias=False, o_bias=False),
-    "qwen2": lambda c: _gated(c, qkv_bias=True, o_bias=False),
-    "qwen3": lambda c: _gated(c, qkv_bias=_attn_bias(c), o_bias=_attn_bias(c), qk_norm=True),
-    "gemma2": lambda c: _gated(c, qkv_bias=_attn_bias(c), o_bias=_attn_bias(c),
-                               norms_per_layer=4),
-    "gemma3_text": lambda c: _gated(c, qkv_bias=_attn_bias(c), o_bias=_attn_bias(c),
-                                    norms_per_layer=4, qk_norm=True),
-    "phi3": lambda c: _gated(c, qkv_bias=False, o_bias=False),  # fused qkv / gate_up: same count
-    "gpt2": _gpt2,
-    "gpt_neox": _gpt_neox,
-    "opt": _opt,
-}  # fmt: skip
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except ValueError as err:
+        raise LookupError(
+            f"cannot cost model_type {cfg.model_type!r}: transformers has no causal language "
+            f"model for it ({str(err).splitlines()[0][:120]}); residtap costs decoders"
+        ) from err
 
 
 def model_shape(config: dict | PretrainedConfig | str | Path) -> ModelShape:
-    """The exact parameter count and shape numbers of a supported decoder's config."""
+    """The exact parameter count and shape numbers of any decoder's config."""
+    from residtap.arch import find
+    from residtap.discover import kind_of
+
     cfg, _ = load_config(config)
-    return ARCHITECTURES[cfg.model_type](cfg)
+    model = meta_model(cfg)
+    layers = find(model).paths["layers"]
+    blocks = model.get_submodule(layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    kinds = {id(m): ("unembedding", None) for m in [head] if m is not None and not tied}
+    kinds[id(embed)] = ("embedding", None)
+    for path, module in model.named_modules():
+        if id(module) in kinds or path == layers or path.startswith(layers + "."):
+            continue
+        if isinstance(module, nn.Embedding):
+            kinds[id(module)] = ("position_embedding", None)
+        elif kind_of(path.rsplit(".", 1)[-1], type(module).__name__, False) == "norm":
+            kinds[id(module)] = ("norms", None)
+    for block in blocks:
+        children = [(name, child, kind_of(name, type(child).__name__,
+                                          any(True for _ in child.parameters())))
+                    for name, child in block.named_children()]
+        # no MLP module (OPT: fc1 and fc2 sit in the block): its other weights are the MLP
+        rest = "mlp" if all(kind != "mlp" for *_, kind in children) else "other"
+        for _, child, kind in children:
+            group = {"attn": "attention", "mlp": "mlp", "norm": "norms"}.get(kind, rest)
+            kinds.setdefault(id(child), (group, None))
+    parts: dict[str, int] = {}
+    lookup = expert = 0
+    seen: set[int] = set()
+    for path, param in _params_by_owner(model):
+        if id(param[1]) in seen:
+            continue
+        seen.add(id(param[1]))
+        group = next((kinds[id(m)][0] for m in param[0] if id(m) in kinds), "other")
+        parts[group] = parts.get(group, 0) + param[1].numel()
+        if group in ("embedding", "position_embedding") and not (tied and group == "embedding"):
+            lookup += param[1].numel()
+        if ".experts." in f".{path}.":
+            expert += param[1].numel()
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    d = _d_model(text)  # the residual stream (OPT-350m's embeddings are narrower)
+    heads = int(_first(text, "num_attention_heads", "n_head", "num_heads"))
+    head_dim = int(_first(text, "head_dim") or d // heads)
+    n_experts = _first(text, "num_local_experts", "num_experts", "n_routed_experts")
+    top_k = _first(text, "num_experts_per_tok", "moe_topk", "top_k")
+    active = float(top_k) / float(n_experts) if expert and n_experts and top_k else 1.0
+    unembedding = (head.weight if head is not None else embed.weight).numel()
+    return ModelShape(text.model_type, d, len(blocks), heads, _kv_heads(text, heads), head_dim,
+                      int(head.weight.shape[0] if head is not None else embed.weight.shape[0]),
+                      tied, parts, lookup, unembedding, _windows(text, len(blocks)), expert,
+                      active)  # fmt: skip
+
+
+def _d_model(cfg: PretrainedConfig) -> int:
+    return int(_first(cfg, "hidden_size", "n_embd", "d_model"))
+
+
+def _params_by_owner(model: nn.Module):
+    """(path, (owner modules outermost-last, parameter)) for every parameter: the owners are the
+    modules on its path, innermost first, so the first one with a kind decides its group."""
+    modules = dict(model.named_modules())
+    for path, param in model.named_parameters(remove_duplicate=False):
+        names = path.split(".")[:-1]
+        owners = [modules[".".join(names[:i])] for i in range(len(names), 0, -1)]
+        yield path, (owners, param)
 
 
 def load_config(source: dict | PretrainedConfig | str | Path) -> tuple[PretrainedConfig, str]:
@@ -267,7 +280,7 @@ def load_config(source: dict | PretrainedConfig | str | Path) -> tuple[Pretraine
     from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
-        return _supported(source), getattr(source, "name_or_path", "") or source.model_type
+        return source, getattr(source, "name_or_path", "") or source.model_type
     if isinstance(source, dict):
         return _config_from_dict(source), str(source.get("model_type", "config"))
     if isinstance(source, (str, Path)):
@@ -289,33 +302,10 @@ def _config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
             f"expected a Hugging Face config with a 'model_type', got keys {sorted(raw)[:8]}...; "
             "pass the model's config.json"
         )
-    if model_type not in ARCHITECTURES and isinstance(raw.get("text_config"), dict):
-        log.info("%s: costing the text model in text_config only", model_type)
-        return _config_from_dict(raw["text_config"] | {"model_type": _text_type(raw)})
-    _check_supported(model_type)
     try:
         return AutoConfig.for_model(model_type, **raw)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"could not read the {model_type!r} config: {err}") from err
-
-
-def _text_type(raw: dict[str, Any]) -> str:
-    return raw["text_config"].get("model_type") or f"{raw.get('model_type')}_text"
-
-
-def _supported(cfg: PretrainedConfig) -> PretrainedConfig:
-    if cfg.model_type not in ARCHITECTURES and getattr(cfg, "text_config", None) is not None:
-        return _supported(cfg.text_config)
-    _check_supported(cfg.model_type)
-    return cfg
-
-
-def _check_supported(model_type: str) -> None:
-    if model_type not in ARCHITECTURES:
-        raise LookupError(
-            f"no parameter-count rule for model_type {model_type!r}; supported: "
-            f"{', '.join(ARCHITECTURES)}; add one to residtap.cost.ARCHITECTURES"
-        )
 
 
 # ---------------------------------------------------------------- the estimate
@@ -419,7 +409,7 @@ def estimate_cost(
     """Predict the arithmetic, bytes and latency overhead of `n_probes` linear probes at each
     of `sites` ('one', 'all' = every decoder layer, or a count), reading `positions`."""
     cfg, name = load_config(config)
-    shape = ARCHITECTURES[cfg.model_type](cfg)
+    shape = model_shape(cfg)
     hw = _hardware(hardware)
     n_sites = _n_sites(sites, shape.n_layers)
     _check_scope(n_probes, positions, batch_size, prompt_len, new_tokens, dtype_bytes)
@@ -434,7 +424,7 @@ def estimate_cost(
     reads = b if decode else b * (1 if positions == "last" else prompt_len)
 
     unembedded = tokens if decode else b  # prefill unembeds only the last position
-    dense = 2 * ((shape.matmul_params - shape.unembedding_params) * tokens
+    dense = 2 * ((shape.active_matmul_params - shape.unembedding_params) * tokens
                  + shape.unembedding_params * unembedded)  # fmt: skip
     attention = 4 * shape.d_attn * b * sum(keys) / n_forwards if attention_flops else 0.0
     probe_flops = reads * k * (2 * d + (1 if probe_bias else 0))
@@ -468,7 +458,7 @@ def estimate_cost(
         tied_embeddings=shape.tied_embeddings, n_probes=n_probes, n_sites=n_sites,
         positions=positions, phase="decode step" if decode else "prefill", batch_size=b,
         prompt_len=prompt_len, new_tokens=new_tokens, dtype_bytes=dtype_bytes, hardware=hw.name,
-        forward_flops_per_token=2 * shape.matmul_params,
+        forward_flops_per_token=2 * shape.active_matmul_params,
         attention_flops_per_token=attention / tokens,
         tokens_per_forward=tokens, reads_per_forward=reads,
         model_flops=model_flops, probe_flops=probe_flops,

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import transformers as tf
+from conftest import FAMILIES, family_config
 from torch import nn
 
 from residtap import presets
@@ -65,6 +66,27 @@ def test_parameter_count_equals_the_built_model(name: str) -> None:
     assert shape.lookup_params == lookup
     assert shape.unembedding_params == unembedding.numel()
     assert shape.tied_embeddings == (model.get_input_embeddings().weight is unembedding)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_counts_like_the_built_model(family: str) -> None:
+    """No per-architecture counter: the meta-device model and residtap.arch's parts."""
+    config = family_config(family)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    shape = model_shape(config)
+    assert shape.n_params == sum(p.numel() for p in model.parameters()), shape.parts
+    assert shape.n_layers == config.num_hidden_layers if hasattr(config, "num_hidden_layers") \
+        else shape.n_layers == config.n_layer
+    assert shape.parts.get("attention", 0) > 0 and shape.parts.get("mlp", 0) > 0, shape.parts
+
+
+def test_mixture_of_experts_counts_active_experts_for_flops() -> None:
+    config = family_config("mixtral")  # 4 experts, top 2
+    model = tf.AutoModelForCausalLM.from_config(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}.")
+    shape = model_shape(config)
+    assert shape.expert_params == experts > 0 and shape.active_experts == 0.5
+    assert shape.active_matmul_params == shape.matmul_params - experts // 2
 
 
 def test_a_saved_config_folder_gives_the_same_count(tmp_path) -> None:
@@ -245,10 +267,10 @@ def test_bad_scope_says_what_was_expected(kwargs: dict, message: str) -> None:
 
 
 def test_unsupported_architecture_and_hardware() -> None:
-    bert = tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=48)  # fmt: skip
-    with pytest.raises(LookupError, match=r"model_type 'bert'; supported: llama"):
-        model_shape(bert)
+    vit = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48)  # fmt: skip
+    with pytest.raises(LookupError, match=r"model_type 'vit'.*no causal language model"):
+        model_shape(vit)
     with pytest.raises(ValueError, match="model_type"):
         model_shape({"hidden_size": 32})
     with pytest.raises(LookupError, match="unknown hardware 'tpu'; expected one of h100"):
