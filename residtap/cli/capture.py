@@ -5,7 +5,8 @@ Under torchrun, `torchrun --nproc-per-node N -m residtap capture ...` splits the
 the ranks (data parallel); `--distributed tensor` shards the model instead.
 
 examples:
-  residtap capture organism --data organism:mood --sites all-layers --positions last --out acts/
+  residtap capture organism --data organism:mood --sites all-layers --positions last \
+      --max-samples 200 --out acts/
   residtap capture organism --data organism:topic --sites layers.1 --sites layers.3 \
       --positions all --max-samples 50 --out topic-acts/
   residtap capture organism --data organism:mood --sites layers.1 --out acts-json/ --json

@@ -1,4 +1,4 @@
-"""`residtap probe sweep|train|score`: probes on an activation store, and scores of a saved
+r"""`residtap probe sweep|train|score`: probes on an activation store, and scores of a saved
 probe on new texts.
 
     sweep   one probe per site of a store: table; sweep.json, sweep.png, sweep.html
@@ -11,7 +11,8 @@ model on the texts and reads the probe where it was trained, at the store's posi
 --positions says otherwise (see residtap.probes.scoring).
 
 examples:
-  residtap capture organism --data organism:mood --sites all-layers --positions last --out acts/
+  residtap capture organism --data organism:mood --sites all-layers --positions last \
+      --max-samples 200 --out acts/
   residtap probe sweep acts/ --label label --out sweep/
   residtap probe train acts/ --label label --site layers.3 --out mood-probe.safetensors
   residtap probe score mood-probe.safetensors organism --data organism:mood --out scores.csv
