@@ -39,6 +39,7 @@ from residtap.engine import Step, tap
 from residtap.identity import check_same_model
 from residtap.lens_decode import DEFAULT_MEMORY_BUDGET, Readout, decode, readout_of
 from residtap.sites import Arch, layer_sites, num_layers, resolve_site
+from residtap.steering._batch import forward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,9 @@ class LogitLens:
         hidden = torch.zeros(B, len(self._slots), T_max, d, dtype=self.dtype, device=self.device)
         taps = {s: _SlotWriter(hidden, i, s) for i, s in enumerate(self._slots)}
         with tap(self.model, taps, arch=self.arch):
-            if max_new_tokens == 0:
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if max_new_tokens == 0:  # position ids as generate counts them, padded rows too
+                self.model(**forward_inputs(self.model, input_ids, attention_mask),
+                           use_cache=False)
                 sequences = input_ids
             else:
                 kwargs = {"do_sample": False, "use_cache": True, **generate_kwargs}

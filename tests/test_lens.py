@@ -319,3 +319,17 @@ def test_blocked_topk_and_count_greater_match_torch(V):
     threshold = logits[:, 7:8]
     flags = torch.zeros(37, _padded_width(V), dtype=torch.bool)
     assert torch.equal(count_greater(logits, threshold, flags), (logits > threshold).sum(-1))
+
+
+def test_prompt_only_lens_of_a_padded_row_equals_the_prompt_alone():
+    """max_new_tokens=0 passes position ids like generate does: GPT-2's learned positions
+    would otherwise shift a left-padded row (2e-3 before the fix)."""
+    model = sharpened(tiny_model("gpt2"), scale=10.0)
+    ids, mask = padded_batch()
+    lens = LogitLens(model)
+    batched = lens.run(ids, mask, max_new_tokens=0, top_k=4)
+    for row in (1, 2):
+        real = mask[row].bool()
+        alone = lens.run(ids[row:row + 1, real], max_new_tokens=0, top_k=4)
+        torch.testing.assert_close(batched.topk_probs[:, row, real], alone.topk_probs[:, 0],
+                                   atol=1e-6, rtol=1e-5)

@@ -77,6 +77,13 @@ def forward_inputs(
     return inputs
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache under: `cache` from transformers
+    5.24, `past_key_values` before (5.24 still accepts it, with a FutureWarning)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

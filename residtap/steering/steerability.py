@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
+from residtap.steering._batch import cache_keyword, encode, forward_inputs, pad_id_of, pad_left
 from residtap.steering.inject import PositionPolicy, steer
 from residtap.steering.vector import SteeringVector, check_model
 
@@ -268,7 +268,7 @@ class _SharedPrefixSweep:
         if "position_ids" in inputs:
             inputs["position_ids"] = inputs["position_ids"][:, -k:]
         with steer(model, vectors, coef, positions="all"):  # every fed token is steered
-            logits = model(**inputs, past_key_values=cache, use_cache=True).logits
+            logits = model(**inputs, **{cache_keyword(model): cache}, use_cache=True).logits
         self.forwards += 2
         return logits[:, -1].float()
 
