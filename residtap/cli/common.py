@@ -210,7 +210,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     """--device, --device-map, --model-dtype and --trust-remote-code for a command that loads."""
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where to run the model: auto (cuda, else mps, else cpu), cpu, cuda, "
-                        "cuda:N or mps (default auto)")
+                        "cuda:N or mps (default cpu, as in Python)")
     p.add_argument("--device-map", choices=["auto"], default=None,
                    help="'auto': spread the model over the GPUs with accelerate (instead of "
                         "--device)")
@@ -266,24 +266,23 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: str | None 
 
     Nothing is fetched from a hub: a name that is not a local folder is an error. The class
     is the one the config names (residtap.loading.model_class); device and dtype follow
-    residtap.loading, except that no device (and no device_map) means "auto" here: cuda, else
-    mps, else cpu. tensor_parallel: shard the model over the torch.distributed ranks with
-    Hugging Face's tensor parallelism (`DistributedConfig(tp_plan="auto")`; needs accelerate).
+    residtap.loading: no device means the CPU, as in Python, so results do not change with the
+    machine; pass device="auto" for cuda, else mps, else cpu. tensor_parallel: shard the model
+    over the torch.distributed ranks with Hugging Face's tensor parallelism
+    (`DistributedConfig(tp_plan="auto")`; needs accelerate).
     """
     from residtap import organism
     from residtap.loading import load_local, resolve_device, resolve_dtype
 
     path = organism.MODEL_DIR if name == "organism" else Path(name)
-    if device is None and device_map is None and not tensor_parallel:
-        device = "auto"
     extra: dict[str, Any] = {}
     if tensor_parallel:
         if device is not None or device_map is not None:
             raise ValueError("--distributed tensor places each rank's shard itself; drop "
                              "--device / --device-map")
-        from transformers.distributed import DistributedConfig
+        from residtap.distributed import tensor_parallel_kwargs
 
-        extra["distributed_config"] = DistributedConfig(tp_plan="auto")
+        extra.update(tensor_parallel_kwargs())
         dtype = resolve_dtype(dtype, resolve_device(None))
     elif name == "organism" and device_map is None:
         return organism.load(dtype, device=device)

@@ -55,12 +55,10 @@ def register(sub) -> None:
 
 def inputs_from_args(args: argparse.Namespace):
     from residtap.demo import DemoInputs
-    from residtap.loading import resolve_device
 
     if len(args.classes) != 2:
         raise ValueError(f"expected --classes NEG,POS (two words), got {args.classes}")
-    placed = (any(getattr(args, k, None) for k in ("device", "device_map", "model_dtype"))
-              or resolve_device("auto").type != "cpu")  # the CLI's default device is auto
+    placed = any(getattr(args, k, None) for k in ("device", "device_map", "model_dtype"))
     if args.model == "organism" and not args.labelled:
         inputs = DemoInputs.organism()
         if placed:
