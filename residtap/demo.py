@@ -308,7 +308,8 @@ def _steering(inputs: DemoInputs, site: str, out: Path, progress: bool):
     keys = {"mean": "mean slope", "std": "std", "median": "median", "iqr": "IQR",
             "wrong_way": "wrong way", "mean_curve_r2": "R² of mean curve"}
     rows = [{"direction": name.replace("_", " "),
-             **{label: round(stats[name][k], 4) for k, label in keys.items()}}
+             **{label: round(stats[name][k], 4) for k, label in keys.items()},
+             "wrong way": _pct(stats[name]["wrong_way"], 0)}  # as the lead says it
             for name in ("vector", "random_baseline") if name in stats]
     v, r = stats["vector"], stats.get("random_baseline")
     lead = (f"How far the mood vector moves the model's A/B answer per unit of strength: mean "
