@@ -280,8 +280,11 @@ class SteeringVector:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | None = None) -> SteeringVector:
-        """Read a vector saved by `save`; with `model`, raise if it was made on another model."""
+    def load(cls, path: str | Path, model: nn.Module | None = None, *,
+             allow_other_weights: bool = False) -> SteeringVector:
+        """Read a vector saved by `save`, checking its metadata; with `model`, raise if it was
+        made on another model (config, weights fingerprint, width) or for a site the model
+        lacks. allow_other_weights=True accepts another checkpoint of the same config."""
         path = Path(path)
         meta, tensors = read_safetensors(path, "steering vector file")
         keys, tensor = list(tensors), tensors.get(TENSOR_KEY)
@@ -296,18 +299,46 @@ class SteeringVector:
                 f"{path} has steering-vector format version {meta.get('format_version')!r}; this "
                 f"residtap reads version {FORMAT_VERSION}; upgrade residtap or re-make the vector"
             )
-        identity = json.loads(meta.get("model", "null"))
-        vec = cls(tensor, meta["site"], meta.get("method", "unknown"), identity,
-                  json.loads(meta.get("position", "null")),
-                  bool(json.loads(meta.get("normalized", "false"))),
-                  json.loads(meta.get("extra", "{}")))
+        site = meta.get("site")
+        if not isinstance(site, str) or not site:
+            raise ValueError(f"{path}: metadata 'site' is {site!r}; expected a site name such as "
+                             "'layers.3'; the file was damaged or edited, re-make the vector")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {TENSOR_KEY!r} is {tensor.dtype}, expected a float "
+                             "vector (d,); the file was damaged or edited, re-make the vector")
+        identity = _json_meta(path, meta, "model", "null", (dict, type(None)))
+        vec = cls(tensor, site, meta.get("method", "unknown"), identity,
+                  _json_meta(path, meta, "position", "null", (str, int, type(None))),
+                  _json_meta(path, meta, "normalized", "false", bool),
+                  _json_meta(path, meta, "extra", "{}", dict))
         if model is not None:
-            check_model(vec, model)
+            check_model(vec, model, allow_other_weights=allow_other_weights)
+            try:
+                resolve_site(model, vec.site)
+            except LookupError as err:
+                raise ValueError(f"{path} steers site {vec.site!r}, which this model lacks "
+                                 f"({err}); use a vector made on this model") from err
         return vec
 
 
-def check_model(vec: SteeringVector, model: nn.Module) -> None:
-    """ValueError when `vec` does not fit `model` (width, or the recorded model identity)."""
+def _json_meta(path: Path, meta: dict[str, str], key: str, default: str, types) -> Any:
+    """A JSON-encoded metadata value of a steering-vector file, of the expected type."""
+    text = meta.get(key, default)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}): {text[:60]!r}; "
+                         "the file was damaged or edited, re-make the vector") from err
+    if not isinstance(value, types):
+        raise ValueError(f"{path}: metadata {key!r} is {text[:60]!r}, of the wrong type; the "
+                         "file was damaged or edited, re-make the vector")
+    return value
+
+
+def check_model(vec: SteeringVector, model: nn.Module, *,
+                allow_other_weights: bool = False) -> None:
+    """ValueError when `vec` does not fit `model` (width, or the recorded model identity:
+    config and weights fingerprint; allow_other_weights=True accepts another checkpoint)."""
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(d, int) and d != vec.d_model:
         raise ValueError(
@@ -315,7 +346,8 @@ def check_model(vec: SteeringVector, model: nn.Module) -> None:
             f"{type(model).__name__} has hidden_size {d}; use a vector made on this model"
         )
     if vec.model is not None and vec.model.get("config_hash"):
-        check_same_model(vec.model, model, "the steering vector")
+        check_same_model(vec.model, model, "the steering vector",
+                         allow_other_weights=allow_other_weights)
 
 
 def read_activations(

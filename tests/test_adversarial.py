@@ -1,0 +1,253 @@
+"""Hostile and careless use (issue 15): SIGKILL at random moments then resume, tampered
+manifests, a concurrent --overwrite from another process, and NaN or edited artefact files.
+
+Each test checks an outcome against an independent oracle: an uninterrupted store's bytes, the
+files a tampered manifest points at (never read), the holder's pid, the loaders' refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_store import SITES, texts, word_tokenizer, write_jsonl
+
+from residtap.cli import main
+from residtap.identity import model_identity
+from residtap.probes import Probe, load_probe, save_probe
+from residtap.steering import SteeringVector
+from residtap.store import Store, extract
+from residtap.tuned_lens import TunedLens
+
+WORKER = Path(__file__).with_name("_store_worker.py")
+SHARD_ROWS = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny model, a data file and the store an uninterrupted run writes."""
+    root = tmp_path_factory.mktemp("adversarial")
+    model, tok = tiny_model("llama"), word_tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = write_jsonl(root / "d.jsonl", texts(30))  # 15 batches of 2, a shard each
+    from residtap.cli.common import load_model
+
+    model, tok = load_model(str(root / "model"))
+    full = extract(model, tok, data, SITES, root / "full", batch_size=2, shard_rows=SHARD_ROWS,
+                   progress=False)
+    return root, model, tok, data, full
+
+
+def _start_worker(root: Path, data: Path, out: Path, sleep_s: float,
+                  gate: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    extra = [str(gate)] if gate is not None else []
+    return subprocess.Popen([sys.executable, str(WORKER), str(root / "model"), str(data),
+                             str(out), str(SHARD_ROWS), str(sleep_s), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_until(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the worker never got there"
+        time.sleep(0.01)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def _shards_done(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return -1  # no manifest yet (or being replaced): nothing complete
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(setup):
+    """Three captures, each killed at a random moment: after a random number of complete shards
+    (-1: as soon as it holds the folder's lock, before its first shard) plus a random part of
+    a forward, so mid-shard, mid-write or between shards. Each is resumed in this process and
+    must hold the uninterrupted run's shards byte for byte, with an equal manifest."""
+    root, model, tok, data, full = setup
+    rng = random.Random(14)  # a seed whose three moments fall after -1, 3 and 1 shards
+    moments = [(rng.choice([-1, 0, 1, 2, 3]), rng.uniform(0.0, 0.1)) for _ in range(3)]
+    outs = [root / f"killed-{i}" for i in range(3)]
+    procs = [_start_worker(root, data, out, 0.05) for out in outs]  # in parallel: less wall time
+    try:
+        for proc, out, (shards, extra) in zip(procs, outs, moments, strict=True):
+            _wait_until(lambda out=out, shards=shards: (out / ".residtap.lock").exists()
+                        and _shards_done(out) >= shards, proc)
+            time.sleep(extra)
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        for proc in procs:
+            proc.wait()
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 3
+    for out in outs:
+        partial = Store.open(out) if (out / "manifest.json").exists() else None
+        assert partial is None or not partial.complete  # killed mid-run (15 shards to write)
+        if partial is not None and len(partial):  # what survived is a prefix of the full store
+            assert torch.equal(partial["layers.0"], full["layers.0"][:len(partial)])
+        resumed = extract(model, tok, data, SITES, out, batch_size=2, shard_rows=SHARD_ROWS,
+                          progress=False)
+        assert resumed.complete and resumed.manifest["shards"] == full.manifest["shards"]
+        assert _files(out) == _files(full.folder), out.name
+        assert resumed.samples == full.samples
+
+
+@pytest.mark.parametrize("tamper", [
+    "file-parent", "file-absolute", "samples-absolute", "symlink-out", "part-out",
+    "rows-short", "rows-long", "samples-count", "first-sample", "no-shards",
+])
+def test_tampered_manifests_never_read_outside_the_store_or_misplace_rows(setup, tmp_path,
+                                                                           tamper):
+    root, *_ = setup
+    out = tmp_path / "s"
+    for f in root.joinpath("full").iterdir():
+        (out / f.name).parent.mkdir(exist_ok=True)
+        (out / f.name).write_bytes(f.read_bytes())
+    decoy = tmp_path / "decoy.safetensors"  # a valid shard outside: a reader must not use it
+    decoy.write_bytes((out / "shard-00001.safetensors").read_bytes())
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    match = "outside the store"
+    if tamper == "file-parent":
+        shard["file"] = "../decoy.safetensors"
+    elif tamper == "file-absolute":
+        shard["file"] = str(decoy)
+    elif tamper == "samples-absolute":
+        shard["samples_file"] = "/etc/hostname"
+    elif tamper == "symlink-out":
+        (out / "inner.safetensors").symlink_to(decoy)
+        shard["file"] = "inner.safetensors"
+    elif tamper == "part-out":
+        manifest["parts"] = ["part-00000-of-00001", "../../"]
+    elif tamper in ("rows-short", "rows-long"):
+        delta = -1 if tamper == "rows-short" else 1
+        shard["rows"] += delta
+        manifest["rows"] += delta
+        match = "tensor 'layers.0' is .* but the manifest says"
+    elif tamper == "samples-count":
+        manifest["shards"][-1]["samples"] += 1
+        manifest["samples"] += 1
+        match = "samples file.*holds .* records but the manifest lists"
+    elif tamper == "first-sample":
+        manifest["shards"][2]["first_sample"] += 1
+        match = "shard 2 starts at sample"
+    else:
+        manifest["shards"] = []
+        match = "'rows' is"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        _ = Store.open(out).samples
+
+
+def test_overwrite_from_another_process_while_a_capture_runs_is_refused(setup, capsys):
+    """Before: the running capture reported `complete` while the other process's --overwrite
+    had replaced its data. Now the overwrite (API and CLI) is refused naming the writer's pid,
+    and the running capture finishes with exactly the uninterrupted run's bytes."""
+    root, model, tok, data, full = setup
+    out, gate = root / "contested", root / "gate"
+    gate.touch()  # the writer waits at its first forward while this file exists
+    proc = _start_worker(root, data, out, 0.0, gate)
+    try:
+        _wait_until(lambda: (out / ".residtap.lock").exists() and
+                    b"pid" in (out / ".residtap.lock").read_bytes(), proc)
+        with pytest.raises(ValueError, match=f"another capture \\(pid {proc.pid} on host"):
+            extract(model, tok, data, SITES, out, positions="last", overwrite=True,
+                    progress=False)
+        argv = ["capture", str(root / "model"), "--data", str(data), "--sites", "layers.0",
+                "--out", str(out), "--overwrite", "--no-progress"]
+        assert main(argv) == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        assert proc.poll() is None  # the writer never noticed
+    finally:
+        gate.unlink()
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    store = Store.open(out)
+    assert store.complete and store.positions == "all"
+    assert _files(out) == _files(full.folder)
+    assert not (out / ".residtap.lock").exists()
+
+
+def _retensor(path: Path, change) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    change(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _nan(meta, tensors) -> None:
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[-1] = float("nan")
+
+
+def test_nan_files_are_refused_by_every_loader(tmp_path):
+    """Probe files and tuned lenses loaded NaN weights; steering vectors already refused."""
+    model = tiny_model("llama", layers=3)
+    probe = Probe("logistic", torch.randn(1, 32), torch.zeros(1), classes=[0, 1],
+                  site="layers.1")
+    files = {
+        "probe": (save_probe(probe, tmp_path / "p.safetensors", model=model), load_probe),
+        "tuned": (TunedLens.identity(model, ["layers.0"]).save(tmp_path / "t.safetensors"),
+                  TunedLens.load),
+        "vector": (SteeringVector(torch.randn(32), "layers.1", "tensor", model_identity(model))
+                   .save(tmp_path / "v.safetensors"), SteeringVector.load),
+    }
+    for path, load in files.values():
+        load(path, model)  # loads before the damage
+        _retensor(path, _nan)
+        with pytest.raises(ValueError, match="NaN|nan"):
+            load(path, model)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda m, t: m.update(site="layers.9"), "steers site 'layers.9', which this model lacks"),
+    (lambda m, t: m.pop("site"), "metadata 'site' is None"),
+    (lambda m, t: m.update(extra="{not json"), "metadata 'extra' is not valid JSON"),
+    (lambda m, t: m.update(model="[1, 2]"), "metadata 'model' is .*wrong type"),
+    (lambda m, t: m.update(normalized='"yes"'), "metadata 'normalized'"),
+    (lambda m, t: t.update(vector=torch.arange(32)), "is torch.int64, expected a float vector"),
+])
+def test_edited_steering_vector_files_are_refused_with_the_reason(tmp_path, change, match):
+    model = tiny_model("llama", layers=3)
+    path = SteeringVector(torch.randn(32), "layers.1", "tensor", model_identity(model)).save(
+        tmp_path / "v.safetensors")
+    _retensor(path, change)
+    with pytest.raises(ValueError, match=match):
+        SteeringVector.load(path, model)
+
+
+def test_a_vector_from_another_checkpoint_needs_the_override_once(tmp_path):
+    """The override is explicit, and once given for a model it holds for later checks of the
+    same vector on that model (steer() re-checks what load() accepted)."""
+    from residtap.steering import steer
+
+    model, other = tiny_model("llama", layers=3), tiny_model("llama", layers=3, seed=1)
+    path = SteeringVector(torch.randn(32), "layers.1", "tensor", model_identity(model)).save(
+        tmp_path / "v.safetensors")
+    with pytest.raises(ValueError, match="other weights.*allow_other_weights"):
+        SteeringVector.load(path, other)
+    vec = SteeringVector.load(path, other, allow_other_weights=True)
+    with steer(other, vec, 1.0), torch.no_grad():
+        other(input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="other weights"):  # a third model: not allowed
+        steer(tiny_model("llama", layers=3, seed=2), vec, 1.0)
