@@ -251,3 +251,19 @@ def test_a_vector_from_another_checkpoint_needs_the_override_once(tmp_path):
         other(input_ids=torch.tensor([[5, 6, 7]]))
     with pytest.raises(ValueError, match="other weights"):  # a third model: not allowed
         steer(tiny_model("llama", layers=3, seed=2), vec, 1.0)
+
+
+def test_cli_refuses_a_vector_of_another_checkpoint_unless_allow_other_weights(tmp_path, capsys):
+    from conftest import word_tokenizer as bos_tokenizer
+
+    model, other = tiny_model("llama", layers=3), tiny_model("llama", layers=3, seed=1)
+    model.save_pretrained(tmp_path / "m")
+    bos_tokenizer().save_pretrained(tmp_path / "m")
+    path = SteeringVector(torch.randn(32), "layers.1", "tensor", model_identity(other)).save(
+        tmp_path / "v.safetensors")
+    argv = ["steer", "generate", str(tmp_path / "m"), "--vector", str(path), "--prompt",
+            "w5 w6", "--strength", "2", "--max-new-tokens", "2", "--json"]
+    assert main(argv) == 2
+    assert "other weights" in capsys.readouterr().err
+    assert main([*argv, "--allow-other-weights"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["prompt"] == "w5 w6"

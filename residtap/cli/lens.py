@@ -59,6 +59,9 @@ def register(sub) -> None:
                    help="work space for the deferred decode, MiB (256)")
     p.add_argument("--tuned", default=None, metavar="FILE",
                    help="a tuned-lens file (from `residtap tuned-lens`): decode through it")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use a file made on another checkpoint of this model's config "
+                        "(its weights fingerprint differs)")
     add_model_flags(p)
     add_progress_flag(p)
     add_json_flag(p)
@@ -101,7 +104,8 @@ def run(args) -> int:
         )
     check_out(args.out, "folder")
     model, tokenizer = load_model_from_args(args)
-    tuned = TunedLens.load(args.tuned, model) if args.tuned else None
+    tuned = (TunedLens.load(args.tuned, model, allow_other_weights=args.allow_other_weights)
+             if args.tuned else None)
     with torch.no_grad():
         result = run_lens(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           top_k=args.top_k, sublayers=args.sublayers,

@@ -82,6 +82,9 @@ def register(sub) -> None:
     c.add_argument("probe_file", metavar="PROBE_FILE",
                    help="a probe file (.safetensors) from `residtap probe train` or save_probe")
     c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    c.add_argument("--allow-other-weights", action="store_true",
+                   help="use a file made on another checkpoint of this model's config "
+                        "(its weights fingerprint differs)")
     add_data(c, help="the texts: a .jsonl, .json, .csv or .txt file")
     add_positions(c, **POSITION_FORMS, default="the probe's",
                   note="the default is the positions of the store the probe was trained on "
@@ -184,7 +187,7 @@ def run_score(args) -> int:
         check_out(out, "file")
     load_probe(args.probe_file)  # a damaged file fails before the model loads
     model, tokenizer = load_model_from_args(args)
-    probe = load_probe(args.probe_file, model=model)
+    probe = load_probe(args.probe_file, model=model, allow_other_weights=args.allow_other_weights)
     positions = (default_positions(probe) if args.positions == ["the probe's"]
                  else parse_positions(args.positions, **POSITION_FORMS))
     rows = list(score_texts(model, tokenizer, probe, args.data, positions=positions,

@@ -74,6 +74,9 @@ def register(subparsers) -> None:
     ev = sub.add_parser("eval", help="per-example steerability over a strength sweep", **doc)
     ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--vector", required=True, type=Path, help="a .safetensors steering vector")
+    ev.add_argument("--allow-other-weights", action="store_true",
+                    help="use a file made on another checkpoint of this model's config "
+                         "(its weights fingerprint differs)")
     add_data(ev, help="JSONL of {question, answer_matching_behavior, "
                       "answer_not_matching_behavior}")
     add_list(ev, "--strengths", item_type=float, nargs="+", default=None,
@@ -96,6 +99,9 @@ def register(subparsers) -> None:
     gen = sub.add_parser("generate", help="steered vs unsteered greedy generations", **doc)
     gen.add_argument("model", help=MODEL_HELP)
     gen.add_argument("--vector", required=True, type=Path, help="a .safetensors steering vector")
+    gen.add_argument("--allow-other-weights", action="store_true",
+                     help="use a file made on another checkpoint of this model's config "
+                          "(its weights fingerprint differs)")
     gen.add_argument("--prompt", required=True, action="append",
                      help="a prompt (repeatable; commas stay in the text)")
     add_list(gen, "--strength", item_type=float, nargs="+",
@@ -195,7 +201,8 @@ def run_eval(args: argparse.Namespace) -> int:
     check_out(args.html, "file", "--html")
     rows = read_jsonl(args.data, args.limit)
     model, tok = load_model_from_args(args)
-    vec = SteeringVector.load(args.vector, model=model)
+    vec = SteeringVector.load(args.vector, model=model,
+                              allow_other_weights=args.allow_other_weights)
     result = steerability(model, tok, rows, vec, args.strengths or DEFAULT_STRENGTHS,
                           positions=positions, baseline=not args.no_baseline,
                           seed=args.seed, batch_size=args.batch_size, progress=progress(args))
@@ -230,7 +237,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     positions = _positions(args.positions)
     model, tok = load_model_from_args(args)
-    vec = SteeringVector.load(args.vector, model=model)
+    vec = SteeringVector.load(args.vector, model=model,
+                              allow_other_weights=args.allow_other_weights)
     rows = compare_generations(model, tok, args.prompt, vec, args.strength,
                                max_new_tokens=args.max_new_tokens, positions=positions)
     if args.json:
