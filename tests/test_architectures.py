@@ -213,3 +213,21 @@ def test_validation_leaves_no_hook_and_no_transformers_flag():
     after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), vars(m).copy().keys())
              for n, m in model.named_modules()}
     assert before == after
+
+
+def test_cli_sites_says_how_each_part_was_found_and_what_is_refused(tmp_path, capsys):
+    import json
+
+    from conftest import word_tokenizer
+
+    from residtap.cli import main
+
+    folder = tmp_path / "gptj"
+    family_model("gptj").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    assert main(["sites", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parts"] == "discovered"
+    assert {r["check"] for r in out["sites"]} == {"validated"}
+    assert "layers.0.ln1" in {r["site"] for r in out["sites"]}
+    assert "parallel block" in out["refused"]["ln2"]
