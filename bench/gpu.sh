@@ -35,7 +35,9 @@ main() {
       --format=csv || true
   fi
   if [ "$SMOKE" = 0 ]; then
+    # setuptools builds the editable install offline; older setuptools also need `wheel`
     "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)" || true
+    "$PY" -c "import wheel; print('wheel', wheel.__version__)" 2>/dev/null || echo "no wheel package"
     if "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e .; then
       echo "installed residtap (editable, no dependencies)"
     else
