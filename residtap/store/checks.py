@@ -73,6 +73,9 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         raise bad(f"'shards' is {_short(shards)}, expected a list")
     keys = {"file": str, "samples_file": str, "rows": int, "samples": int, "first_sample": int}
     samples = 0
+    start = 0  # a data-parallel part's shards start at its block's first sample
+    if shards and isinstance(shards[0], dict) and "part" in (manifest.get("settings") or {}):
+        start = shards[0].get("first_sample", 0)
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict) or not all(
                 isinstance(shard.get(k), t) and not isinstance(shard.get(k), bool)
@@ -80,9 +83,9 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
             raise bad(f"shard {i} is {_short(shard)}, expected {list(keys)} with int counts")
         if shard["rows"] < 0 or shard["samples"] < 1:
             raise bad(f"shard {i} has {shard['rows']} rows and {shard['samples']} samples")
-        if shard["first_sample"] != samples:
+        if shard["first_sample"] != start + samples:  # a data-parallel part starts later
             raise bad(f"shard {i} starts at sample {shard['first_sample']}, but the shards "
-                      f"before it hold samples 0..{samples - 1}")
+                      f"before it end at sample {start + samples - 1}")
         samples += shard["samples"]
         inside(folder, shard["file"], f"shard {i} file")
         inside(folder, shard["samples_file"], f"shard {i} samples file")

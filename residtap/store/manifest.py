@@ -3,6 +3,8 @@
 A store is a folder:
 
     manifest.json                     this file (rewritten atomically after each shard)
+    .residtap.lock                    only while a capture writes the folder: its lock, naming
+                                      the holder (residtap.store.lock)
     shard-00000.safetensors           one tensor per site (rows, *site_shape), plus int64
                                       `sample` (rows,) and `position` (rows,)
     shard-00000.samples.jsonl         one line per sample in the shard: {"sample": index,
@@ -19,7 +21,8 @@ Manifest keys (format version 1):
 
     format, version        "residtap.store", 1
     residtap_version       the version that wrote it
-    model                  residtap.identity.model_identity(model) (name, class, config_hash, ...)
+    model                  residtap.identity.model_identity(model) (name, class, config_hash,
+                           weights_fingerprint, ...); a resume with other weights is refused
     tokenizer              tokenizer name, or null for token-id data
     sites                  {site: {"shape": [...per-row shape], "dtype": "bfloat16"}}; shape and
                            dtype are null until the first shard is written
@@ -34,7 +37,9 @@ Manifest keys (format version 1):
     complete               true once every sample is stored
 
 A shard counts only once the manifest lists it; files of unlisted shards are leftovers of an
-interrupted run and are replaced when the run resumes.
+interrupted run and are replaced when the run resumes. Every path in a manifest is relative to
+the store folder and must stay inside it; counts must agree with the shard headers
+(residtap.store.checks, on every open).
 """
 
 from __future__ import annotations
