@@ -16,15 +16,21 @@ Design rules:
 - Module outputs that may be a tensor, a tuple or a ModelOutput are normalised in one helper
   (`hidden_of` / `with_hidden`).
 - Early stop: a block opened with `stop_early=True` raises StopForward as soon as every site of
-  every open block has fired, and the block swallows it; reading layer 2 of 32 costs 3 layers.
-  It stops only when every open block asked for it.
+  every open block has fired; the model's forward (wrapped while such blocks are open) catches
+  it and returns None, so the stop ends that forward and the `with` body goes on (a loop of
+  forwards is stopped once per forward). Reading layer 2 of 32 costs 3 layers. It stops only
+  when every open block asked for it.
+- Threads: an engine serves the thread that opened its first block; a forward from another
+  thread raises, unless every open block was opened with `any_thread=True`.
 - Nothing here synchronises with the device: positions come from tensor shapes.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -48,8 +54,8 @@ class StopForward(Exception):
 class Step:
     """What the engine knows about the forward in progress.
 
-    run:   counts forwards that start a sequence (no cached tokens); the decode steps of one
-           `generate` call share the run of its prefill.
+    run:   identifies forwards that start a sequence (no cached tokens), unique in the process;
+           the decode steps of one `generate` call share the run of its prefill.
     index: 0 for the first forward of a run, then 1, 2, ... for each decode step.
     past:  tokens already in the KV cache before this forward (0 for a fresh forward).
     batch: rows in this forward (B of its input).
@@ -98,8 +104,11 @@ def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
         )
     past = cached if cached is not None else (mask.shape[1] - length if mask is not None else 0)
     if past == 0:
-        return Step(previous.run + 1, 0, 0, batch, length, mask)
+        return Step(next(_RUN_IDS), 0, 0, batch, length, mask)
     return Step(previous.run, previous.index + 1, past, batch, length, mask)
+
+
+_RUN_IDS = itertools.count()  # unique across engines: a re-entered block never joins an old run
 
 
 def _cached_tokens(kwargs: Mapping[str, Any]) -> int | None:
@@ -170,6 +179,9 @@ class Engine:
         self._wanted: set[Site] = set()  # sites of every open block
         self._stop = False
         self.paused = 0  # > 0 while residtap's own validation forward runs: taps ignore it
+        self.thread: int | None = None  # the thread whose forwards the open blocks see
+        self.any_thread = False  # every open block accepts forwards from any thread
+        self._forward_patch: tuple[bool, Any] | None = None  # (had an own forward, it)
         self._signature = inspect.signature(model.forward)
         self._root_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
@@ -177,6 +189,13 @@ class Engine:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.paused:
             return
+        if not self.any_thread and threading.get_ident() != self.thread:
+            raise RuntimeError(
+                f"residtap taps are open on this {type(self.model).__name__} in another thread "
+                f"({self.thread}); this forward runs in thread {threading.get_ident()} and would "
+                "be read or steered by them. Call the model from the thread that opened the "
+                "`with` block, or give each thread its own model"
+            )
         if args:  # rare: HF callers pass keywords; bind positionals to their names
             kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
         self.step = next_step(self.step, kwargs)
@@ -196,6 +215,15 @@ class Engine:
         handler.taps.append((block, tap_fn))
 
     def open(self, block: TapBlock) -> None:
+        me = threading.get_ident()
+        if self._sessions and me != self.thread and not (self.any_thread and block.any_thread):
+            raise RuntimeError(
+                f"residtap taps are already open on this {type(self.model).__name__} in thread "
+                f"{self.thread}; open blocks on one model from one thread (or give each thread "
+                "its own model)"
+            )
+        if not self._sessions:
+            self.thread = me
         self._sessions.append(block)
         self._recompute()
 
@@ -219,6 +247,35 @@ class Engine:
     def _recompute(self) -> None:
         self._wanted = {s for b in self._sessions for s in b.sites}
         self._stop = bool(self._sessions) and all(b.stop_early for b in self._sessions)
+        self.any_thread = bool(self._sessions) and all(b.any_thread for b in self._sessions)
+        if self._stop and self._forward_patch is None:
+            self._catch_stop()
+        elif not self._stop and self._forward_patch is not None:
+            self._release_stop()
+
+    def _catch_stop(self) -> None:
+        """While every open block asked for early stop, the model's forward returns None when
+        StopForward ends it: early stop ends that forward, never the user's code after it.
+        The model's own `forward` attribute is put back as it was when the last block leaves."""
+        model = self.model
+        had, original = "forward" in vars(model), model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except StopForward:
+                return None
+
+        self._forward_patch = (had, original)
+        model.forward = forward
+
+    def _release_stop(self) -> None:
+        had, original = self._forward_patch
+        self._forward_patch = None
+        if had:
+            self.model.forward = original
+        else:
+            del self.model.forward
 
 
 class _SiteHandler:
@@ -308,6 +365,7 @@ class TapBlock:
         *,
         stop_early: bool = False,
         arch: Arch | None = None,
+        any_thread: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -319,6 +377,7 @@ class TapBlock:
             )
         self.model = model
         self.stop_early = stop_early
+        self.any_thread = any_thread
         self._taps: list[tuple[Site, Tap]] = []
         for name, fns in taps.items():
             site = name if isinstance(name, Site) else resolve_site(model, name, arch)
@@ -363,9 +422,15 @@ def tap(
     *,
     stop_early: bool = False,
     arch: Arch | None = None,
+    any_thread: bool = False,
 ) -> TapBlock:
-    """Open a block of taps on `model`: `with tap(model, {"layers.3": fn}): model(**batch)`."""
-    return TapBlock(model, taps, stop_early=stop_early, arch=arch)
+    """Open a block of taps on `model`: `with tap(model, {"layers.3": fn}): model(**batch)`.
+
+    Threads: taps see only forwards run by the thread that opened the block; a forward of the
+    same model from another thread while it is open raises (so two threads never read or
+    steer each other's forwards). `any_thread=True` (for an engine that runs the model on a
+    worker thread) lets every thread's forwards through, when every open block says so."""
+    return TapBlock(model, taps, stop_early=stop_early, arch=arch, any_thread=any_thread)
 
 
 def count_hooks(model: nn.Module) -> int:

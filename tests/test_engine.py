@@ -145,11 +145,23 @@ def test_early_stop_runs_only_needed_blocks():
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
                for i, b in enumerate(blocks(model))]
     try:
+        forward = model.forward
         with torch.no_grad(), residtap.capture(model, ["layers.1"], stop_early=True) as acts:
-            model(input_ids=batch_ids())
-            pytest.fail("the forward should have stopped")  # pragma: no cover
+            assert model(input_ids=batch_ids()) is None  # the stopped forward returns None
         assert calls == [0, 1]
         assert acts["layers.1"].shape == (2, 7, 32)
+        assert "forward" not in vars(model) and model.forward == forward  # put back
+        # early stop ends each forward, never the code after it: a loop runs to its end
+        calls.clear()
+        done = []
+        with torch.no_grad(), residtap.capture(model, ["layers.1"], stop_early=True) as acts:
+            for i in range(3):
+                model(input_ids=batch_ids(seed=i))
+                done.append(i)
+        assert done == [0, 1, 2] and calls == [0, 1] * 3 and len(acts.runs) == 3
+        with torch.no_grad(), residtap.capture(model, ["layers.1"]) as full:
+            model(input_ids=batch_ids(seed=2))
+        assert torch.equal(acts.run(2)["layers.1"], full["layers.1"])
         calls.clear()
         with torch.no_grad(), residtap.capture(model, ["layers.1"]):
             model(input_ids=batch_ids())
@@ -216,3 +228,49 @@ def test_several_runs_are_kept_not_overwritten(llama):
     with pytest.raises(ValueError, match="2 separate runs"):
         acts["layers.0"]
     assert not torch.equal(acts.run(0)["layers.0"], acts.run(1)["layers.0"])
+
+
+def test_reentering_a_capture_starts_a_new_run(llama):
+    """Entering the same capture object again records a new run, never glued onto the old."""
+    cap = residtap.capture(llama, ["layers.1"])
+    with torch.no_grad():
+        with cap as acts:
+            llama(input_ids=batch_ids(length=4))
+        with cap:
+            llama(input_ids=batch_ids(length=6, seed=2))
+    assert [r.lengths for r in acts.runs] == [[4], [6]]
+    assert acts.run(1)["layers.1"].shape == (2, 6, 32)
+
+
+def in_thread(fn):
+    """("ok", result) or ("error", exception) of fn() run in another thread."""
+    import threading
+
+    box = []
+
+    def run():
+        try:
+            box.append(("ok", fn()))
+        except Exception as err:  # noqa: BLE001 - handed back to the test
+            box.append(("error", err))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return box[0]
+
+
+def test_taps_never_see_another_threads_forwards(llama):
+    """A forward from another thread while a block is open raises; it is not read or steered;
+    a block opened from another thread is refused."""
+    seen = []
+    ids = batch_ids()
+    with torch.no_grad():
+        plain = llama(input_ids=ids).logits
+        with residtap.tap(llama, {"layers.1": lambda h, s: seen.append(1) or h * 0}):
+            kind, err = in_thread(lambda: llama(input_ids=ids))
+            assert kind == "error" and "in another thread" in str(err) and not seen
+            kind, err = in_thread(lambda: residtap.capture(llama, ["layers.0"]).__enter__())
+            assert kind == "error" and "already open on this LlamaForCausalLM" in str(err)
+        kind, out = in_thread(lambda: llama(input_ids=ids).logits)  # after the block: plain
+    assert kind == "ok" and torch.equal(out, plain)

@@ -175,10 +175,11 @@ def test_step_sequence_for_each_release(release, padded):
         steps.append((step.run, step.index, step.past, step.batch, step.length,
                       step.attention_mask is not None))
     mask = padded or release in ("4.57", "5.17")
-    assert steps == [(0, 0, 0, B, T, mask), (0, 1, T, B, 1, mask), (0, 2, T + 1, B, 1, mask),
-                     (0, 3, T + 2, B, 1, mask)]
+    r = steps[0][0]  # run ids are unique in the process; the decode steps share the prefill's
+    assert steps == [(r, 0, 0, B, T, mask), (r, 1, T, B, 1, mask), (r, 2, T + 1, B, 1, mask),
+                     (r, 3, T + 2, B, 1, mask)]
     # a new generate call starts a new run
-    assert next_step(step, _forward_kwargs(release, B, T, 0, padded)).run == 1
+    assert next_step(step, _forward_kwargs(release, B, T, 0, padded)).run > r
 
 
 def test_a_mask_that_disagrees_with_the_cache_raises_naming_the_version():
@@ -199,6 +200,6 @@ def test_a_cache_that_cannot_say_its_length_raises():
 
 def test_plain_forward_without_cache_or_mask_is_a_new_run():
     s = next_step(Step(), {"input_ids": torch.zeros(2, 7, dtype=torch.long)})
-    assert (s.run, s.index, s.past, s.batch, s.length) == (0, 0, 0, 2, 7)
-    s = next_step(s, {"inputs_embeds": torch.zeros(2, 3, 8)})
-    assert (s.run, s.index, s.past, s.length) == (1, 0, 0, 3)
+    assert (s.index, s.past, s.batch, s.length) == (0, 0, 2, 7)
+    t = next_step(s, {"inputs_embeds": torch.zeros(2, 3, 8)})
+    assert (t.index, t.past, t.length) == (0, 0, 3) and t.run != s.run
