@@ -142,7 +142,7 @@ def test_sites_all_means_every_layer_in_capture_sweep_compare_and_cost(model_dir
 
 # -- shared options: defined once, the same words everywhere -----------------------------------
 SHARED = ("--trust-remote-code", "--no-progress", "--device", "--device-map", "--model-dtype",
-          "--json")
+          "--json", "--allow-other-weights")
 
 
 @pytest.mark.parametrize("flag", SHARED)

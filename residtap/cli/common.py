@@ -222,6 +222,13 @@ def add_model_flags(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                    help="allow the model folder's own code to run (off by default)")
 
 
+def add_allow_other_weights(p: argparse.ArgumentParser) -> None:
+    """For a command that loads a saved artefact (probe, vector, tuned lens) onto a model."""
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use a file made on another checkpoint of this model's config "
+                        "(its weights fingerprint differs)")
+
+
 # -- bundled data -----------------------------------------------------------------------------
 def data_path(value: str | os.PathLike[str]) -> Path:
     """A data file: `organism:NAME` -> the bundled residtap/organism/data/NAME.jsonl; any other

@@ -24,6 +24,7 @@ import torch
 
 from residtap.cli.common import (
     MODEL_HELP,
+    add_allow_other_weights,
     add_json_flag,
     add_model_flags,
     add_out,
@@ -59,9 +60,7 @@ def register(sub) -> None:
                    help="work space for the deferred decode, MiB (256)")
     p.add_argument("--tuned", default=None, metavar="FILE",
                    help="a tuned-lens file (from `residtap tuned-lens`): decode through it")
-    p.add_argument("--allow-other-weights", action="store_true",
-                   help="use a file made on another checkpoint of this model's config "
-                        "(its weights fingerprint differs)")
+    add_allow_other_weights(p)
     add_model_flags(p)
     add_progress_flag(p)
     add_json_flag(p)

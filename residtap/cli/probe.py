@@ -28,6 +28,7 @@ from typing import Any
 
 from residtap.cli.common import (
     MODEL_HELP,
+    add_allow_other_weights,
     add_data,
     add_json_flag,
     add_model_flags,
@@ -82,9 +83,7 @@ def register(sub) -> None:
     c.add_argument("probe_file", metavar="PROBE_FILE",
                    help="a probe file (.safetensors) from `residtap probe train` or save_probe")
     c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    c.add_argument("--allow-other-weights", action="store_true",
-                   help="use a file made on another checkpoint of this model's config "
-                        "(its weights fingerprint differs)")
+    add_allow_other_weights(c)
     add_data(c, help="the texts: a .jsonl, .json, .csv or .txt file")
     add_positions(c, **POSITION_FORMS, default="the probe's",
                   note="the default is the positions of the store the probe was trained on "

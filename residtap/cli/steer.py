@@ -27,6 +27,7 @@ from typing import Any
 
 from residtap.cli.common import (
     MODEL_HELP,
+    add_allow_other_weights,
     add_data,
     add_json_flag,
     add_list,
@@ -74,9 +75,7 @@ def register(subparsers) -> None:
     ev = sub.add_parser("eval", help="per-example steerability over a strength sweep", **doc)
     ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--vector", required=True, type=Path, help="a .safetensors steering vector")
-    ev.add_argument("--allow-other-weights", action="store_true",
-                    help="use a file made on another checkpoint of this model's config "
-                         "(its weights fingerprint differs)")
+    add_allow_other_weights(ev)
     add_data(ev, help="JSONL of {question, answer_matching_behavior, "
                       "answer_not_matching_behavior}")
     add_list(ev, "--strengths", item_type=float, nargs="+", default=None,
@@ -99,9 +98,7 @@ def register(subparsers) -> None:
     gen = sub.add_parser("generate", help="steered vs unsteered greedy generations", **doc)
     gen.add_argument("model", help=MODEL_HELP)
     gen.add_argument("--vector", required=True, type=Path, help="a .safetensors steering vector")
-    gen.add_argument("--allow-other-weights", action="store_true",
-                     help="use a file made on another checkpoint of this model's config "
-                          "(its weights fingerprint differs)")
+    add_allow_other_weights(gen)
     gen.add_argument("--prompt", required=True, action="append",
                      help="a prompt (repeatable; commas stay in the text)")
     add_list(gen, "--strength", item_type=float, nargs="+",
