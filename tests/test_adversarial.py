@@ -267,3 +267,15 @@ def test_cli_refuses_a_vector_of_another_checkpoint_unless_allow_other_weights(t
     assert "other weights" in capsys.readouterr().err
     assert main([*argv, "--allow-other-weights"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["prompt"] == "w5 w6"
+
+
+def test_artefact_saves_to_unusable_paths_are_clear_errors(tmp_path):
+    model = tiny_model("llama", layers=3)
+    (tmp_path / "file").write_text("x")
+    vec = SteeringVector(torch.randn(32), "layers.1", "tensor", model_identity(model))
+    lens = TunedLens.identity(model, ["layers.0"])
+    for save in (vec.save, lens.save):
+        with pytest.raises(ValueError, match="is a folder"):
+            save(tmp_path)
+        with pytest.raises(ValueError, match="cannot be created.*is a file"):
+            save(tmp_path / "file" / "x.safetensors")

@@ -491,3 +491,12 @@ def test_probe_files_with_nan_or_inf_are_refused(tmp_path, bad, name):
     tamper(path, tensors=tensors)
     with pytest.raises(ValueError, match=f"tensor '{name}' of this probe file has 1 NaN/Inf"):
         load_probe(path)
+
+
+def test_saving_to_an_unusable_path_is_a_clear_error(tmp_path):
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a folder"):
+        save_probe(all_probes()[0], tmp_path / "folder.safetensors")
+    with pytest.raises(ValueError, match="cannot be created.*is a file"):
+        save_probe(all_probes()[0], tmp_path / "file" / "p.safetensors")

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..identity import check_finite, check_same_model, model_identity, read_safetensors
+from ..store.checks import check_out_file
 from .attention import AttentionProbe
 from .linear import Probe
 
@@ -51,9 +52,11 @@ def save_probe(
     probe: AnyProbe, path: str | os.PathLike[str], *, model: nn.Module | None = None
 ) -> Path:
     """Write `probe` to `path` (a .safetensors file). With `model`, record that model's identity
-    (checked against the probe's d_model). Returns the path."""
+    (checked against the probe's d_model). Returns the path. A path that cannot be written (a
+    folder, a file where a folder should be, read-only) is a ValueError before anything else."""
     if not isinstance(probe, (Probe, AttentionProbe)):
         raise TypeError(f"expected a Probe or AttentionProbe, got {type(probe).__name__}")
+    check_out_file(Path(path))
     identity = probe.model
     if model is not None:
         _check_d_model(probe, model)

@@ -261,9 +261,14 @@ class SteeringVector:
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
+        """Write the vector file (missing parent folders are created); a path that cannot be
+        written (a folder, a file where a folder should be, read-only) is a ValueError."""
         from safetensors.torch import save_file
 
+        from residtap.store.checks import check_out_file
+
         path = Path(path)
+        check_out_file(path)
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
