@@ -58,6 +58,7 @@ class Plan:
     naive_repeats: int = 1  # blocks that include the naive hooks (the slowest variant)
     naive_factor: float = 4.0  # naive time / baseline time, for estimates before measuring
     prior_s: float = 10.0  # an eager generate before any was measured
+    graph_prior_s: float = 3.0  # a generate replaying CUDA graphs, before any was measured
     compile_prior_s: float = 120.0  # a first compile + CUDA graph recording
     graph_backend: str = "inductor"
     lens: dict[str, Any] = field(default_factory=lambda: dict(
@@ -78,7 +79,7 @@ class Plan:
                        hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=8192),
                    batches=(1, 2), new_tokens=4, prompt_len=8, probes=10, defer=4, repeats=2,
-                   prior_s=2.0, compile_prior_s=20.0, graph_backend="eager",
+                   prior_s=2.0, graph_prior_s=2.0, compile_prior_s=20.0, graph_backend="eager",
                    lens=dict(batch=2, prompt=8, new=4, top_k=5, budget_mb=64, repeats=2,
                              prior_s=5.0),
                    capture=dict(samples=8, seq=16, batch=4, repeats=2, prior_s=5.0,
@@ -277,12 +278,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="how decode steps are compiled (default: inductor, i.e. "
                              "mode='reduce-overhead'; smoke: eager, i.e. dynamo alone)")
     parser.add_argument("--budget-s", type=float, help="seconds for this script (default 480)")
+    parser.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                        help="change a section's time cap (repeatable), e.g. probes_graphs=300")
     args = parser.parse_args(argv)
     plan = Plan.smoke_plan() if args.smoke else Plan()
     if args.graph_backend:
         plan.graph_backend = args.graph_backend
     if args.budget_s:
         plan.budget_s = args.budget_s
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        try:
+            if name not in plan.caps:
+                raise ValueError(name)
+            plan.caps[name] = float(seconds)
+        except ValueError:
+            parser.error(f"--cap expects SECTION=SECONDS with SECTION one of {list(SECTIONS)}, "
+                         f"got {item!r}")
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:

@@ -133,8 +133,9 @@ class Runner:
     def estimate(self, variant: str, B: int) -> float:
         if (variant, B) in self.last:
             return self.last[(variant, B)]
+        prior = self.plan.graph_prior_s if self.graphs else self.plan.prior_s
         base = self.last.get(("baseline", B)) or max(
-            [t for (v, b), t in self.last.items() if v == "baseline"] or [self.plan.prior_s])
+            [t for (v, b), t in self.last.items() if v == "baseline"] or [prior])
         return base * (self.plan.naive_factor if variant == "naive" else 1.3)
 
 
