@@ -72,6 +72,7 @@ EOF
     return 3
   fi
   left=$((LIMIT - SECONDS))
+  if [ "$left" -lt 60 ]; then left=60; fi  # (`timeout 0` would mean no limit at all)
   echo "== bench_gpu.py ($left s left of $LIMIT)"
   timeout -k 15 "$left" "$PY" bench/bench_gpu.py "$OUT" "$@"
   rc=$?
