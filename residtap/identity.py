@@ -71,7 +71,7 @@ def weights_fingerprint(model: nn.Module) -> str | None:
     params = list((base if isinstance(base, nn.Module) else model).parameters())
     state = tuple((p.data_ptr(), _version(p)) for p in params)
     cached = _FINGERPRINTS.get(model)
-    if cached is not None and cached[0] == state and None not in state:
+    if cached is not None and cached[0] == state and all(v is not None for _, v in state):
         return cached[1]
     fingerprint = _fingerprint(params)
     _FINGERPRINTS[model] = (state, fingerprint)
@@ -93,9 +93,9 @@ def _fingerprint(params: list[Tensor]) -> str | None:
                  "fingerprint (artefacts are checked by config only)")
         return None
     h = hashlib.sha256()
-    by_device: dict[torch.device, list[Tensor]] = {}
+    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}  # (parameter number, samples)
     with torch.no_grad():
-        for p in params:
+        for i, p in enumerate(params):
             n = p.numel()
             h.update(str(tuple(p.shape)).encode())
             if n == 0:
@@ -103,8 +103,13 @@ def _fingerprint(params: list[Tensor]) -> str | None:
             index = torch.linspace(0, n - 1, min(n, SAMPLES_PER_TENSOR), dtype=torch.float64)
             flat = p.detach().reshape(-1)  # a view for the (usual) contiguous parameter
             picked = flat[index.round().long().to(p.device)].float()  # (k,)
-            by_device.setdefault(p.device, []).append(picked)
-        values = torch.cat([torch.cat(v).cpu() for v in by_device.values()])  # one copy each
+            by_device.setdefault(p.device, []).append((i, picked))
+        parts: dict[int, Tensor] = {}
+        for items in by_device.values():  # one copy to the host per device
+            host = torch.cat([t for _, t in items]).cpu()
+            parts |= zip([i for i, _ in items], host.split([len(t) for _, t in items]),
+                         strict=True)
+        values = torch.cat([parts[i] for i in sorted(parts)])  # in parameter order
     signs = torch.where(values.abs() < _TINY, 0, torch.sign(values)).to(torch.int8)
     h.update(signs.numpy().tobytes())
     return h.hexdigest()[:16]
