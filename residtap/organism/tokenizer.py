@@ -45,4 +45,5 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
         padding_side="left",
         model_max_length=128,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids (4.57's default)
     )

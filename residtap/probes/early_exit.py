@@ -305,7 +305,9 @@ def _curve_point(model, tokenizer, prompts, bank, probe, threshold, classes, pat
         with torch.no_grad(), bank.attach(model, max_tokens=max_new_tokens) as run:
             stop = None if threshold is None else run.early_exit(
                 probe, threshold, patience=patience, direction="either")
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False,
                                  stopping_criteria=[stop] if stop is not None else [],
                                  pad_token_id=tokenizer.pad_token_id)
             scores = run.results()[probe][..., 0]  # (b, slots)
