@@ -279,3 +279,24 @@ def test_artefact_saves_to_unusable_paths_are_clear_errors(tmp_path):
             save(tmp_path)
         with pytest.raises(ValueError, match="cannot be created.*is a file"):
             save(tmp_path / "file" / "x.safetensors")
+
+
+def test_weights_fingerprint_tells_checkpoints_apart_but_not_dtypes_or_the_head():
+    import transformers as tf
+
+    from residtap.identity import weights_fingerprint
+
+    model = tiny_model("llama", layers=3)
+    same = weights_fingerprint(model)
+    assert weights_fingerprint(tiny_model("llama", layers=3)) == same  # deterministic
+    assert weights_fingerprint(tiny_model("llama", layers=3, seed=1)) != same
+    for dtype in (torch.bfloat16, torch.float16):
+        assert weights_fingerprint(tiny_model("llama", layers=3).to(dtype)) == same, dtype
+    assert weights_fingerprint(model.model) == same  # the base model, without the LM head
+    with torch.no_grad():  # a "fine-tune" of one block: the cached value is not reused
+        w = model.model.layers[1].mlp.down_proj.weight
+        w.copy_(-w)
+    assert weights_fingerprint(model) != same
+    with torch.device("meta"):
+        meta = tf.AutoModelForCausalLM.from_config(model.config)
+    assert weights_fingerprint(meta) is None  # nothing to read: checked by config only
