@@ -61,6 +61,8 @@ class Step:
     batch: rows in this forward (B of its input).
     length: tokens this forward processes (T of its input).
     attention_mask: (B, past + length) mask the model was given, or None.
+    cache: id() of the forward's KV cache object, or None (to follow a static cache's length
+           from step to step without reading it from the device).
     """
 
     run: int = -1
@@ -69,6 +71,7 @@ class Step:
     batch: int = 0
     length: int = 0
     attention_mask: Tensor | None = None
+    cache: int | None = None
 
 
 def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
@@ -79,16 +82,19 @@ def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
     `past_key_values`, 5.24 as `cache`), the tokens already cached are its length; a 2-D
     `attention_mask` (which 5.24 drops when it is all ones) must agree with it. A forward with
     no cached tokens starts a new run. Where the two disagree, or a cache cannot say its length,
-    this raises instead of guessing. Only shapes and Python ints are read: no host sync, except
-    a cache whose length is a tensor (static caches of transformers 4.x), read once per forward.
+    this raises instead of guessing. Only shapes and Python ints are read: no host sync. A
+    static cache keeps its length in a device tensor: it is followed from step to step instead
+    (see _static_length), read from the device only when first seen mid-sequence.
     """
     ids = kwargs.get("input_ids")
     if ids is None:
         ids = kwargs.get("inputs_embeds")
     batch, length = tuple(ids.shape[:2]) if isinstance(ids, Tensor) and ids.dim() > 1 else (0, 0)
-    cached = _cached_tokens(kwargs)
+    cache, cached = _cache_of(kwargs)
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    if isinstance(cached, Tensor):
+        cached = _static_length(cached, cache, mask, length, previous)
     if mask is not None and cached is not None and mask.shape[1] != cached + length:
         raise RuntimeError(
             f"residtap cannot tell which tokens this forward covers (transformers "
@@ -103,28 +109,29 @@ def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
             f"(transformers {_transformers_version()}); pass a (batch, tokens) mask"
         )
     past = cached if cached is not None else (mask.shape[1] - length if mask is not None else 0)
+    key = None if cache is None else id(cache)
     if past == 0:
-        return Step(next(_RUN_IDS), 0, 0, batch, length, mask)
-    return Step(previous.run, previous.index + 1, past, batch, length, mask)
+        return Step(next(_RUN_IDS), 0, 0, batch, length, mask, key)
+    return Step(previous.run, previous.index + 1, past, batch, length, mask, key)
 
 
 _RUN_IDS = itertools.count()  # unique across engines: a re-entered block never joins an old run
 
 
-def _cached_tokens(kwargs: Mapping[str, Any]) -> int | None:
-    """Tokens in the forward's KV cache, whatever keyword carries it; None without a cache."""
+def _cache_of(kwargs: Mapping[str, Any]) -> tuple[Any, int | Tensor | None]:
+    """(the forward's KV cache, the tokens it holds) whatever keyword carries it; (None, None)
+    without a cache. The length is an int, or a 0-d device tensor for a static cache."""
     for key, value in kwargs.items():
         if value is None or isinstance(value, (Tensor, bool, int, float, str)):
             continue
         if hasattr(value, "get_seq_length"):
-            n = value.get_seq_length()
-            return int(n)  # an int; a 0-d tensor for static caches of transformers 4.x
+            return value, value.get_seq_length()
         if isinstance(value, (tuple, list)) and key in ("past_key_values", "cache"):
             first = value[0] if value else None  # legacy cache: ((key, value), ...) per layer
             if isinstance(first, (tuple, list)) and first and isinstance(first[0], Tensor):
-                return int(first[0].shape[-2])
+                return value, int(first[0].shape[-2])
             if not value:
-                return 0
+                return value, 0
         if type(value).__name__.endswith("Cache"):
             raise RuntimeError(
                 f"the forward's {key!r} is a {type(value).__name__} without get_seq_length(), "
@@ -132,7 +139,19 @@ def _cached_tokens(kwargs: Mapping[str, Any]) -> int | None:
                 f"{_transformers_version()}); use a standard transformers cache "
                 "(DynamicCache, StaticCache)"
             )
-    return None
+    return None, None
+
+
+def _static_length(cached: Tensor, cache: Any, mask: Tensor | None, length: int,
+                   previous: Step) -> int:
+    """A static cache's length without reading the device: from the mask's width, or, for a
+    one-token step on the cache the previous forward used, from that forward's Step. Only a
+    static cache seen for the first time mid-sequence costs one host read."""
+    if mask is not None:
+        return mask.shape[1] - length
+    if length == 1 and previous.cache == id(cache):
+        return previous.past + previous.length
+    return int(cached)
 
 
 def _transformers_version() -> str:

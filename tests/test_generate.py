@@ -203,3 +203,40 @@ def test_plain_forward_without_cache_or_mask_is_a_new_run():
     assert (s.index, s.past, s.batch, s.length) == (0, 0, 2, 7)
     t = next_step(s, {"inputs_embeds": torch.zeros(2, 3, 8)})
     assert (t.index, t.past, t.length) == (0, 0, 3) and t.run != s.run
+
+
+class DeviceLength(torch.Tensor):
+    """A static cache's length as it lives on a GPU: reading it on the host is a sync."""
+
+    def __int__(self):
+        raise AssertionError("residtap read a static cache's length on the host")
+
+
+class FakeStaticCache:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def get_seq_length(self):
+        return 0 if self.n == 0 else torch.tensor(self.n).as_subclass(DeviceLength)
+
+
+def test_a_static_cache_is_followed_without_reading_its_length():
+    cache, step, seen = FakeStaticCache(), Step(), []
+    for length in (4, 1, 1, 1):  # no mask (5.23+ with batch 1): prefill, then decode steps
+        step = next_step(step, {"input_ids": torch.zeros(1, length, dtype=torch.long),
+                                "cache": cache})
+        seen.append((step.index, step.past))
+        cache.n += length
+    assert seen == [(0, 0), (1, 4), (2, 5), (3, 6)]
+
+
+def test_generate_with_a_static_cache_equals_the_dynamic_cache(model):
+    ids, mask = batch("batch1")
+    runs = {}
+    for impl in ("dynamic", "static"):
+        with torch.no_grad(), residtap.capture(model, ["layers.1"]) as acts:
+            seqs = generate(model, ids, mask, cache_implementation=impl)
+        assert len(acts.runs) == 1, impl
+        runs[impl] = (seqs, acts["layers.1"])
+    assert torch.equal(runs["static"][0], runs["dynamic"][0])
+    assert torch.allclose(runs["static"][1], runs["dynamic"][1], atol=1e-5)
