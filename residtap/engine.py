@@ -234,6 +234,7 @@ class Engine:
         handler.taps.append((block, tap_fn))
 
     def open(self, block: TapBlock) -> None:
+        _check_compiled(self.model)
         me = threading.get_ident()
         if self._sessions and me != self.thread and not (self.any_thread and block.any_thread):
             raise RuntimeError(
@@ -363,6 +364,23 @@ class _SiteHandler:
         if in_args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+
+def _check_compiled(model: nn.Module) -> None:
+    """Refuse a compiled model whose graphs would ignore taps added or removed after they were
+    built: torch.compile does not guard module hooks unless told to."""
+    import torch
+
+    compiled = (hasattr(vars(model).get("forward"), "_torchdynamo_orig_callable")
+                or getattr(model, "_compiled_call_impl", None) is not None)
+    if compiled and torch._dynamo.config.skip_nnmodule_hook_guards:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward is compiled while "
+            "torch._dynamo.config.skip_nnmodule_hook_guards is True, so its graphs would keep "
+            "running taps that were removed, or never run taps added after they were built. "
+            "Set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling (then "
+            "adding or removing taps recompiles once)"
+        )
 
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()

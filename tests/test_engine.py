@@ -274,3 +274,27 @@ def test_taps_never_see_another_threads_forwards(llama):
             assert kind == "error" and "already open on this LlamaForCausalLM" in str(err)
         kind, out = in_thread(lambda: llama(input_ids=ids).logits)  # after the block: plain
     assert kind == "ok" and torch.equal(out, plain)
+
+
+def test_a_compiled_forward_needs_hook_guards_and_then_follows_taps(llama):
+    """torch.compile does not guard module hooks by default: residtap refuses rather than let a
+    graph built without taps ignore them (or one built with taps keep running them)."""
+    import torch._dynamo as dynamo
+
+    ids = batch_ids()
+    dynamo.reset()
+    llama.forward = torch.compile(llama.forward, backend="eager")
+    try:
+        with pytest.raises(RuntimeError, match="skip_nnmodule_hook_guards = False"):
+            residtap.capture(llama, ["layers.1"]).__enter__()
+        assert engine_of(llama) is None and count_hooks(llama) == 0
+        with dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
+            llama(input_ids=ids)  # the graph is built without taps
+            calls = []
+            with residtap.tap(llama, {"layers.1": lambda h, s: calls.append(1)}):
+                llama(input_ids=ids)
+            llama(input_ids=ids)  # after the block: the tap is gone from the graph too
+        assert calls == [1]
+    finally:
+        del llama.forward
+        dynamo.reset()

@@ -323,6 +323,8 @@ def bench_compiled(model: nn.Module, cfg: BenchConfig, bank: ProbeBank) -> list[
             model.forward = torch.compile(model.forward, fullgraph=True,
                                           backend=cfg.compile_backend)
             with contextlib.ExitStack() as stack:
+                # graphs must follow the taps (residtap refuses a compiled forward otherwise)
+                stack.enter_context(dynamo.config.patch(skip_nnmodule_hook_guards=False))
                 stack.callback(delattr, model, "forward")  # back to the class's forward
                 if variant == "packed":
                     stack.enter_context(bank.attach(model, batch_size=B, max_tokens=1,
