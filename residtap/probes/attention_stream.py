@@ -1,0 +1,277 @@
+"""Attention probes scored after every token while a model generates, one matmul per site.
+
+    pack = pack_attention_probes({"mood": probe})       # AttentionProbes reading one site
+    stream = AttentionStream(pack, batch_size=B)         # preallocated state, on pack's device
+    proj = F.linear(h, pack.weight, pack.bias)           # (B, T, K): extra columns of the site
+    scores = stream.update(proj, valid)                  # (B, T, O): score after each token
+
+After token t, `scores[:, t]` equals `AttentionProbe.scores` on that row's tokens 0..t (its valid
+ones), whether the tokens arrive one per decode step, as a prefill chunk, or any mix.
+
+Why this works. An attention probe (residtap.probes.attention) computes, over the valid tokens
+s of a sequence, per head h: a_hs = softmax_s(x_s . q_h + p_h * pos_s), output
+sum_h sum_s a_hs (V_h x_s) + bias. Both x . q_h and V_h x are linear in the hidden state, so they
+are K extra columns of the site's packed matmul. The position term needs only a counter per row:
+with i_s the index of token s among the row's valid tokens, "from_start" uses pos_s = i_s and
+"from_end" pos_s = N - 1 - i_s for a prefix of N valid tokens, which is -i_s plus a constant
+shared by every token of the prefix; softmax ignores that constant, so both are
+`slope_h * i_s` with slope +p_h or -p_h, fixed once a token is seen. The probe's bias rides in
+head 0's value columns (attention weights sum to 1), so the output is a plain sum over heads.
+
+State per (row, head) and (row, value column) -- O(heads x outputs) per token, preallocated:
+the online softmax's running max m and denominator l, kept together as log_den = m + log l,
+and the running weighted values, kept as log-sums of their positive and negative parts
+(log sum_s exp(z_s) relu(v_s), likewise for -v). This is the same online softmax in log form,
+chosen because a chunk of T tokens (a prefill) then gets the exact prefix value after every one
+of its tokens from three `logcumsumexp` over time, with no Python loop and no loss when logits
+inside a chunk differ by hundreds (where a shared reference maximum would underflow). The score
+is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|.
+
+Padding: invalid tokens (the `valid` mask: left padding, rows that stopped) get logit -inf, so
+they never enter the softmax and do not advance the position counter; a row that has seen no
+valid token yet scores exactly 0 in every column. No host synchronisation, no data-dependent
+Python control flow: `torch.compile(stream.update, fullgraph=True)` compiles it.
+
+Column layout of `pack.weight` (K, d) / `pack.bias` (K,), for probes p = 0..P-1 in the order
+given, each with H_p heads and C_p outputs (C = 1 for a binary probe, the classes otherwise):
+    [0, G)          query logits, one per (probe, head), probe-major: column
+                    head_offset[p] + h holds q_h of probe p, bias 0.   G = sum_p H_p
+    [G, G + V)      values, one per (probe, head, output): column
+                    G + value_offset[p] + h * C_p + c holds V_h[c] of probe p; its bias is the
+                    probe's bias[c] for h = 0, else 0.                V = sum_p H_p * C_p
+Output columns of `update` (O = sum_p C_p): out_offset[p] + c, named like a bank's columns
+("name" for C = 1, "name:class" otherwise); `pack.columns` lists them.
+
+What an attention probe may hold beyond this: residtap's AttentionProbe has per-head position
+slopes (from the start or the end), several heads and class outputs, all supported. The
+published design's options that residtap's probe does not have (a post-attention MLP, tanh in
+place of softmax) cannot come in: anything but an AttentionProbe is refused with a TypeError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from residtap.probes.attention import AttentionProbe
+
+__all__ = ["AttentionPack", "AttentionStream", "pack_attention_probes"]
+
+
+@dataclass
+class AttentionPack:
+    """Attention probes of one site packed as matmul columns (layout: module docstring)."""
+
+    names: list[str]
+    site: str | None
+    weight: Tensor  # (K, d) = (G + V, d)
+    bias: Tensor  # (K,)
+    slope: Tensor  # (G,) position slope per (probe, head), sign folded in
+    value_head: Tensor  # (V,) long: the (probe, head) column in [0, G) of each value column
+    value_output: Tensor  # (V,) long: the output column in [0, O) each value column adds to
+    head_offset: list[int]  # per probe: its first query column
+    value_offset: list[int]  # per probe: its first value column, counted from G
+    out_offset: list[int]  # per probe: its first output column
+    columns: list[str]  # (O,) output column names
+    probes: list[AttentionProbe] = field(repr=False, default_factory=list)
+
+    @property
+    def n_heads(self) -> int:
+        """G: query columns, one per (probe, head)."""
+        return int(self.slope.shape[0])
+
+    @property
+    def n_values(self) -> int:
+        """V: value columns, one per (probe, head, output)."""
+        return int(self.value_head.shape[0])
+
+    @property
+    def n_columns(self) -> int:
+        """K = G + V: the columns this pack adds to the site's matmul."""
+        return int(self.weight.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        """O: score columns, one per (probe, output)."""
+        return len(self.columns)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.weight.shape[1])
+
+    def outputs_of(self, name: str) -> slice:
+        """The output columns of probe `name` in `update`'s result."""
+        if name not in self.names:
+            raise LookupError(f"no attention probe {name!r} in this pack; it has {self.names}")
+        p = self.names.index(name)
+        return slice(self.out_offset[p], self.out_offset[p] + self.probes[p].n_outputs)
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> AttentionPack:
+        """A copy with weight, bias and slope on `device` in `dtype` (indices only moved)."""
+        def cast(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+        return AttentionPack(
+            self.names, self.site, cast(self.weight), cast(self.bias), cast(self.slope),
+            self.value_head.to(device), self.value_output.to(device), self.head_offset,
+            self.value_offset, self.out_offset, self.columns, self.probes)
+
+
+def pack_attention_probes(
+    probes: Mapping[str, AttentionProbe], *, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> AttentionPack:
+    """Pack named AttentionProbes that read one site into matmul columns (module docstring)."""
+    if not isinstance(probes, Mapping) or not probes:
+        raise ValueError(
+            "expected a non-empty mapping name -> AttentionProbe, got "
+            f"{type(probes).__name__}{'' if probes else ' (empty)'}; pass {{'name': probe}}")
+    names = list(probes)
+    items = [probes[n] for n in names]
+    for name, probe in zip(names, items, strict=True):
+        if not isinstance(probe, AttentionProbe):
+            raise TypeError(
+                f"probe {name!r} is a {type(probe).__name__}, not an AttentionProbe; only "
+                "softmax attention probes with a linear read-out stream (residtap's "
+                "AttentionProbe); linear probes go to the bank as plain columns")
+        for key in ("query", "position_weight", "value", "bias"):
+            t = getattr(probe, key)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"attention probe {name!r} has NaN/Inf in {key}; retrain it")
+        if probe.position not in ("from_start", "from_end"):
+            raise ValueError(f"attention probe {name!r} has position {probe.position!r}; "
+                             "expected 'from_start' or 'from_end'")
+    d = items[0].d_model
+    if any(p.d_model != d for p in items):
+        raise ValueError("attention probes of one pack read one site, so one d_model; got "
+                         f"{ {n: p.d_model for n, p in zip(names, items, strict=True)} }")
+    sites = {p.site for p in items} - {None}
+    if len(sites) > 1:
+        raise ValueError(f"attention probes of one pack read one site; got sites {sorted(sites)}"
+                         "; pack each site's probes separately")
+    queries, slopes, values, value_bias = [], [], [], []
+    value_head, value_output, columns = [], [], []
+    head_offset, value_offset, out_offset = [], [], []
+    g = v = o = 0
+    for name, p in zip(names, items, strict=True):
+        h, c = p.n_heads, p.n_outputs
+        head_offset.append(g)
+        value_offset.append(v)
+        out_offset.append(o)
+        queries.append(p.query.detach().to(torch.float64))  # (H, d)
+        sign = 1.0 if p.position == "from_start" else -1.0
+        slopes.append(sign * p.position_weight.detach().to(torch.float64))  # (H,)
+        values.append(p.value.detach().to(torch.float64).reshape(h * c, d))  # (H*C, d)
+        vb = torch.zeros(h, c, dtype=torch.float64)
+        vb[0] = p.bias.detach().to(torch.float64)  # the bias rides in head 0
+        value_bias.append(vb.reshape(-1))
+        value_head += [g + head for head in range(h) for _ in range(c)]
+        value_output += [o + out for _ in range(h) for out in range(c)]
+        columns += [name] if c == 1 else [f"{name}:{label}" for label in _labels(p)]
+        g, v, o = g + h, v + h * c, o + c
+    weight = torch.cat(queries + values)  # (G + V, d)
+    bias = torch.cat([torch.zeros(g, dtype=torch.float64)] + value_bias)  # (G + V,)
+    return AttentionPack(
+        names=names, site=next(iter(sites), None),
+        weight=weight.to(device=device, dtype=dtype), bias=bias.to(device=device, dtype=dtype),
+        slope=torch.cat(slopes).to(device=device, dtype=dtype),
+        value_head=torch.tensor(value_head, dtype=torch.long, device=device),
+        value_output=torch.tensor(value_output, dtype=torch.long, device=device),
+        head_offset=head_offset, value_offset=value_offset, out_offset=out_offset,
+        columns=columns, probes=items)
+
+
+def _labels(probe: AttentionProbe) -> list[Any]:
+    c = probe.n_outputs
+    return list(probe.classes) if len(probe.classes) == c else list(range(c))
+
+
+class AttentionStream:
+    """The online-softmax state of a pack's probes for `batch_size` rows (module docstring).
+
+    stream.update(proj, valid)   # proj (B, T, K) the pack's columns; returns (B, T, O)
+    stream.current()             # (B, O): each row's score after the tokens seen so far
+    stream.reset()               # a new run: forget every token (in place, same buffers)
+
+    State dtype: float32 by default, whatever the model's (bf16 projections are upcast);
+    buffers live on `device` (default: the pack's) and keep their addresses for the stream's
+    life, so captured CUDA graphs stay valid.
+    """
+
+    def __init__(self, pack: AttentionPack, batch_size: int, *,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        device = torch.device(device) if device is not None else pack.weight.device
+        self.pack = pack
+        self.batch_size = batch_size
+        self.slope = pack.slope.to(device=device, dtype=dtype)  # (G,)
+        self.value_head = pack.value_head.to(device)  # (V,)
+        self.value_output = pack.value_output.to(device)  # (V,)
+        G, V = pack.n_heads, pack.n_values
+        self.log_den = torch.full((batch_size, G), -math.inf, dtype=dtype, device=device)
+        self.log_pos = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
+        self.log_neg = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
+        self.count = torch.zeros(batch_size, dtype=dtype, device=device)  # valid tokens seen
+
+    def __repr__(self) -> str:
+        return (f"AttentionStream({self.pack.names}, batch_size={self.batch_size}, "
+                f"heads={self.pack.n_heads}, outputs={self.pack.n_outputs})")
+
+    def reset(self) -> None:
+        """Forget every token of every row (a new run), in place."""
+        self.log_den.fill_(-math.inf)
+        self.log_pos.fill_(-math.inf)
+        self.log_neg.fill_(-math.inf)
+        self.count.zero_()
+
+    def update(self, proj: Tensor, valid: Tensor) -> Tensor:
+        """Feed T tokens: proj (B, T, K) the pack's columns of the site's matmul, valid (B, T)
+        bool (False: padding, never seen). Updates the state in place and returns the scores
+        (B, T, O) after each token; a row's score stays unchanged across its invalid tokens."""
+        G, B = self.pack.n_heads, self.batch_size
+        if proj.dim() != 3 or proj.shape[0] != B or proj.shape[2] != self.pack.n_columns:
+            raise ValueError(
+                f"expected proj of shape (B={B}, T, K={self.pack.n_columns}), got "
+                f"{tuple(proj.shape)}; pass the pack's columns of F.linear(h, weight, bias)")
+        if valid.shape != proj.shape[:2]:
+            raise ValueError(f"expected valid of shape {tuple(proj.shape[:2])} (B, T), got "
+                             f"{tuple(valid.shape)}")
+        valid = valid.to(torch.bool)
+        proj = proj.to(self.log_den.dtype)
+        keep = valid[..., None]  # (B, T, 1)
+        index = self.count[:, None] + valid.cumsum(1).to(proj.dtype) - 1  # (B, T) among valid
+        z = proj[..., :G] + index[..., None] * self.slope  # (B, T, G) attention logits
+        z = z.masked_fill(~keep, -math.inf)
+        v = proj[..., G:]  # (B, T, V)
+        z_v = z.index_select(2, self.value_head)  # (B, T, V) each value column's logit
+        lp = torch.where(keep, z_v + v.clamp(min=0).log(), -math.inf)  # log e^z relu(v)
+        ln = torch.where(keep, z_v + (-v).clamp(min=0).log(), -math.inf)  # log e^z relu(-v)
+        den = torch.logaddexp(self.log_den[:, None], torch.logcumsumexp(z, 1))  # (B, T, G)
+        pos = torch.logaddexp(self.log_pos[:, None], torch.logcumsumexp(lp, 1))  # (B, T, V)
+        neg = torch.logaddexp(self.log_neg[:, None], torch.logcumsumexp(ln, 1))  # (B, T, V)
+        self.log_den.copy_(den[:, -1])
+        self.log_pos.copy_(pos[:, -1])
+        self.log_neg.copy_(neg[:, -1])
+        self.count.add_(valid.sum(1).to(self.count.dtype))
+        return self._scores(den, pos, neg)
+
+    def current(self) -> Tensor:
+        """(B, O): each row's scores after all tokens fed so far (0 where none was valid)."""
+        return self._scores(self.log_den[:, None], self.log_pos[:, None],
+                            self.log_neg[:, None])[:, 0]
+
+    def _scores(self, den: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """(B, T, O) from log-sums den (B, T, G), pos and neg (B, T, V)."""
+        den_v = den.index_select(2, self.value_head)  # (B, T, V)
+        seen = den_v > -math.inf
+        den_v = torch.where(seen, den_v, 0.0)
+        per_value = torch.where(seen, (pos - den_v).exp() - (neg - den_v).exp(), 0.0)
+        out = per_value.new_zeros(*per_value.shape[:2], self.pack.n_outputs)  # (B, T, O)
+        return out.index_add(2, self.value_output, per_value)
