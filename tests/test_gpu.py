@@ -305,8 +305,12 @@ def decode_loop(model, ids, n: int, cache, guard=contextlib.nullcontext, skip_pr
 def test_decode_loop_with_a_bank_makes_no_host_sync(device, cache, attach):
     """'none' is the control: transformers' own decode step must be sync-free for the bank's
     cases to mean anything."""
+    import transformers
     from transformers import DynamicCache, StaticCache
 
+    if cache == "static" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__}: a static cache's decode step "
+                    "reads its length on the host in transformers itself (the control fails)")
     model, n = tiny_model("llama", layers=4).to(device), 6
     ids = batch_ids(3, 6).to(device)
     # A static cache's prefill synchronises in transformers itself (its lazy allocation copies a
