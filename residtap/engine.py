@@ -372,7 +372,8 @@ def _check_compiled(model: nn.Module) -> None:
     import torch
 
     compiled = (hasattr(vars(model).get("forward"), "_torchdynamo_orig_callable")
-                or getattr(model, "_compiled_call_impl", None) is not None)
+                or getattr(model, "_compiled_call_impl", None) is not None  # model.compile()
+                or vars(model).get("_compiled_call") is not None)  # transformers' auto-compile
     if compiled and torch._dynamo.config.skip_nnmodule_hook_guards:
         raise RuntimeError(
             f"{type(model).__name__}'s forward is compiled while "
