@@ -4,11 +4,14 @@ or hold it at a gate while another process tries the same folder.
     python tests/_store_worker.py MODEL_DIR DATA_FILE OUT_DIR SHARD_ROWS SLEEP_S [GATE_FILE]
 
 Each forward of the capture sleeps SLEEP_S; with GATE_FILE, each forward of the capture (once
-it holds the folder's lock) also waits while that file exists.
+it holds the folder's lock) also waits while that file exists. It runs on as many threads as
+RESIDTAP_WORKER_THREADS says (the test process's count: resume is checked byte for byte, and the
+matmuls' reduction order, so the activations' last bits, depends on it).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +24,8 @@ from residtap.store import extract
 
 def main(model_dir: str, data: str, out: str, shard_rows: str, sleep_s: str,
          gate: str | None = None) -> None:
-    # As many threads as conftest gives the test process: the matmuls' reduction order (and so
-    # the activations' last bits) depends on it, and resume is checked byte for byte.
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    threads = os.environ.get("RESIDTAP_WORKER_THREADS")
+    torch.set_num_threads(int(threads) if threads else min(2, torch.get_num_threads()))
     model, tokenizer = load_model(model_dir)
     delay = float(sleep_s)
     lock = Path(out) / ".residtap.lock"

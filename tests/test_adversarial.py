@@ -52,7 +52,8 @@ def setup(tmp_path_factory):
 def _start_worker(root: Path, data: Path, out: Path, sleep_s: float,
                   gate: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                          os.environ.get("PYTHONPATH", "")])}
+                                                          os.environ.get("PYTHONPATH", "")]),
+           "RESIDTAP_WORKER_THREADS": str(torch.get_num_threads())}  # the same numerics
     extra = [str(gate)] if gate is not None else []
     return subprocess.Popen([sys.executable, str(WORKER), str(root / "model"), str(data),
                              str(out), str(SHARD_ROWS), str(sleep_s), *extra], env=env,
@@ -88,15 +89,26 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(setup):
     rng = random.Random(14)  # a seed whose three moments fall after -1, 3 and 1 shards
     moments = [(rng.choice([-1, 0, 1, 2, 3]), rng.uniform(0.0, 0.1)) for _ in range(3)]
     outs = [root / f"killed-{i}" for i in range(3)]
-    procs = [_start_worker(root, data, out, 0.05) for out in outs]  # in parallel: less wall time
+    procs = [_start_worker(root, data, out, 0.1) for out in outs]  # in parallel: less wall time
     try:
-        for proc, out, (shards, extra) in zip(procs, outs, moments, strict=True):
-            _wait_until(lambda out=out, shards=shards: (out / ".residtap.lock").exists()
-                        and _shards_done(out) >= shards, proc)
-            time.sleep(extra)
-            os.kill(proc.pid, signal.SIGKILL)
+        due: dict[int, float] = {}  # worker -> when to kill it (its moment has come)
+        deadline = time.monotonic() + 180
+        while len(due) < 3 or any(p.poll() is None for p in procs):
+            for i, (proc, out, (shards, extra)) in enumerate(zip(procs, outs, moments,
+                                                                 strict=True)):
+                assert proc.poll() is None or proc.returncode == -signal.SIGKILL, \
+                    proc.stderr.read().decode()[-2000:]
+                if i not in due and (out / ".residtap.lock").exists() \
+                        and _shards_done(out) >= shards:
+                    due[i] = time.monotonic() + extra
+                if i in due and time.monotonic() >= due[i] and proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+            assert time.monotonic() < deadline, "the workers never got there"
+            time.sleep(0.005)
     finally:
         for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
             proc.wait()
     assert [p.returncode for p in procs] == [-signal.SIGKILL] * 3
     for out in outs:

@@ -233,7 +233,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     worker = Path(__file__).with_name("_store_worker.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                          os.environ.get("PYTHONPATH", "")])}
+                                                          os.environ.get("PYTHONPATH", "")]),
+           "RESIDTAP_WORKER_THREADS": str(torch.get_num_threads())}  # the same numerics
     proc = subprocess.Popen([sys.executable, str(worker), str(model_dir), str(data), str(out),
                              "10", "0.1"], env=env, stderr=subprocess.PIPE)
     try:
