@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from residtap.distributed import maybe_gather, output_sharding
@@ -208,7 +209,8 @@ class Engine:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.paused:
             return
-        if not self.any_thread and threading.get_ident() != self.thread:
+        if (not self.any_thread and not torch.compiler.is_compiling()
+                and threading.get_ident() != self.thread):  # not traceable: eager calls only
             raise RuntimeError(
                 f"residtap taps are open on this {type(self.model).__name__} in another thread "
                 f"({self.thread}); this forward runs in thread {threading.get_ident()} and would "
@@ -369,8 +371,6 @@ class _SiteHandler:
 def _check_compiled(model: nn.Module) -> None:
     """Refuse a compiled model whose graphs would ignore taps added or removed after they were
     built: torch.compile does not guard module hooks unless told to."""
-    import torch
-
     compiled = (hasattr(vars(model).get("forward"), "_torchdynamo_orig_callable")
                 or getattr(model, "_compiled_call_impl", None) is not None  # model.compile()
                 or vars(model).get("_compiled_call") is not None)  # transformers' auto-compile
