@@ -175,6 +175,9 @@ def test_column_layout_is_the_documented_one():
                 assert pack.value_head[vcol] == col
                 assert pack.value_output[vcol] == pack.out_offset[i] + c
         assert pack.outputs_of(name) == slice(pack.out_offset[i], pack.out_offset[i] + p.n_outputs)
+    as32 = pack.to(dtype=torch.float32)
+    assert as32.weight.dtype == as32.slope.dtype == torch.float32
+    assert torch.equal(as32.weight, pack.weight.float()) and as32.columns == pack.columns
 
 
 def test_compiled_update_equals_eager_without_graph_breaks():
