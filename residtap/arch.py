@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from torch import nn
 
 from residtap import discover
+from residtap.hooks import paused
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def _find(model: nn.Module, arch: Arch | None) -> Finding:
         arch = arch or structural_arch(model, layers)
         why = "unchecked: the model's weights are on the meta device"
         return Finding(arch, origin, _paths(model, arch, layers), dict.fromkeys(PARTS, why))
-    with _paused(model):
+    with paused(model):
         rec = discover.record(model, layers)
     if arch is None:
         fields_ = discover.discover(rec, model)
@@ -250,25 +251,3 @@ def structural_arch(model: nn.Module, layers: str) -> Arch:
 def _on_meta(model: nn.Module) -> bool:
     first = next(model.parameters(), None)
     return first is not None and first.device.type == "meta"
-
-
-class _paused:
-    """Taps of an engine already open on the model ignore the recording forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from residtap import engine  # engine imports sites, which imports this module
-
-        self.engine = engine.engine_of(model)
-
-    def __enter__(self) -> None:
-        if self.engine is not None:
-            self.engine.paused += 1
-
-    def __exit__(self, *exc) -> None:
-        if self.engine is not None:
-            self.engine.paused -= 1
-
-
-def with_notes(arch: Arch, **why: str) -> Arch:
-    """`arch` with extra notes (part -> why it is missing)."""
-    return replace(arch, notes=tuple(sorted({**dict(arch.notes), **why}.items())))

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from residtap.hooks import recording_hooks
+
 if TYPE_CHECKING:
     from residtap.arch import Arch
 
@@ -152,38 +154,25 @@ def _plain(x: Tensor | None) -> Tensor | None:
     return x.detach().clone()
 
 
-@contextmanager
-def _recording_hooks(model: nn.Module, calls: dict[str, Call]) -> Iterator[None]:
-    handles = []
+def _recorder(calls: dict[str, Call]):
+    """(on_call, on_return) callbacks filling `calls` with each module's first call."""
     counter = [0]
 
-    def pre(path):
-        def hook(module, args, kwargs):
-            counter[0] += 1
-            if path not in calls:
-                calls[path] = Call(path, counter[0], input=_plain(_first_tensor(args, kwargs)))
-        return hook
+    def on_call(path: str, args: tuple, kwargs: dict) -> None:
+        counter[0] += 1
+        if path not in calls:
+            calls[path] = Call(path, counter[0], input=_plain(_first_tensor(args, kwargs)))
 
-    def post(path):
-        def hook(module, args, kwargs, output):
-            counter[0] += 1
-            call = calls.get(path)
-            if call is not None and call.end < 0:
-                call.end = counter[0]
-                y = _output_tensor(output)
-                if y is not None:
-                    call.output, call.live = _plain(y), y
-        return hook
+    def on_return(path: str, output: Any) -> None:
+        counter[0] += 1
+        call = calls.get(path)
+        if call is not None and call.end < 0:
+            call.end = counter[0]
+            y = _output_tensor(output)
+            if y is not None:
+                call.output, call.live = _plain(y), y
 
-    try:
-        for path, module in model.named_modules():
-            if path:
-                handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
-                handles.append(module.register_forward_hook(post(path), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return on_call, on_return
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -230,7 +219,7 @@ def record(model: nn.Module, blocks: str) -> Recording:
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params:
         inputs["use_cache"] = False
-    with _hooks_as_they_were(model), _recording_hooks(model, calls), _eager():
+    with _hooks_as_they_were(model), recording_hooks(model, *_recorder(calls)), _eager():
         out = model(**inputs, output_hidden_states=True, return_dict=True)
     mutated = {p for p, c in calls.items()
                if c.live is not None and c.live.shape == c.output.shape

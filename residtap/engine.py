@@ -12,7 +12,8 @@ Design rules:
   many taps or nested `tap(...)` blocks use it. Taps at a site run in registration order.
 - Every hook the engine installs is kept as a handle and removed when the last tap using it
   leaves, in `finally`: after a normal exit, after an exception, and with nested blocks. The
-  model itself is never changed.
+  model itself is not changed (early stop wraps `model.forward` while it is asked for, and
+  puts it back).
 - Module outputs that may be a tensor, a tuple or a ModelOutput are normalised in one helper
   (`hidden_of` / `with_hidden`).
 - Early stop: a block opened with `stop_early=True` raises StopForward as soon as every site of
@@ -23,168 +24,40 @@ Design rules:
 - Threads: an engine serves the thread that opened its first block; a forward from another
   thread raises, unless every open block was opened with `any_thread=True`.
 - Nothing here synchronises with the device: positions come from tensor shapes.
+
+What a forward is (`Step`, `next_step`) and how outputs hold their hidden state (`hidden_of`)
+live in residtap.hooks, below site names, so that discovery can use them too.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import threading
-import weakref
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from residtap.distributed import maybe_gather, output_sharding
+from residtap.hooks import (  # noqa: F401 - Step, hidden_of, ... are residtap.engine's API too
+    ENGINES,
+    Clock,
+    Step,
+    StopForward,
+    hidden_of,
+    next_step,
+    with_hidden,
+)
 from residtap.sites import Arch, Site, resolve_site
 
 log = logging.getLogger(__name__)
 
 Tap = Callable[[Tensor, "Step"], "Tensor | None"]
 
-
-class StopForward(Exception):
-    """Raised inside the forward to stop it early; the `tap` block that asked for it swallows it."""
-
-
-@dataclass
-class Step:
-    """What the engine knows about the forward in progress.
-
-    run:   identifies forwards that start a sequence (no cached tokens), unique in the process;
-           the decode steps of one `generate` call share the run of its prefill.
-    index: 0 for the first forward of a run, then 1, 2, ... for each decode step.
-    past:  tokens already in the KV cache before this forward (0 for a fresh forward).
-    batch: rows in this forward (B of its input).
-    length: tokens this forward processes (T of its input).
-    attention_mask: (B, past + length) mask the model was given, or None.
-    cache: id() of the forward's KV cache object, or None (to follow a static cache's length
-           from step to step without reading it from the device).
-    """
-
-    run: int = -1
-    index: int = 0
-    past: int = 0
-    batch: int = 0
-    length: int = 0
-    attention_mask: Tensor | None = None
-    cache: int | None = None
-
-
-def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
-    """The Step of a forward called with `kwargs`, following `previous`.
-
-    Derived from what the forward really uses, not from how a transformers release names its
-    arguments: the KV cache is any argument with `get_seq_length()` (5.23 and older pass it as
-    `past_key_values`, 5.24 as `cache`), the tokens already cached are its length; a 2-D
-    `attention_mask` (which 5.24 drops when it is all ones) must agree with it. A forward with
-    no cached tokens starts a new run. Where the two disagree, or a cache cannot say its length,
-    this raises instead of guessing. Only shapes and Python ints are read: no host sync. A
-    static cache keeps its length in a device tensor: it is followed from step to step instead
-    (see _static_length), read from the device only when first seen mid-sequence.
-    """
-    ids = kwargs.get("input_ids")
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    batch, length = tuple(ids.shape[:2]) if isinstance(ids, Tensor) and ids.dim() > 1 else (0, 0)
-    cache, cached = _cache_of(kwargs)
-    mask = kwargs.get("attention_mask")
-    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-    if isinstance(cached, Tensor):
-        cached = _static_length(cached, cache, mask, length, previous)
-    if mask is not None and cached is not None and mask.shape[1] != cached + length:
-        raise RuntimeError(
-            f"residtap cannot tell which tokens this forward covers (transformers "
-            f"{_transformers_version()}): the KV cache holds {cached} tokens and the input has "
-            f"{length}, but the attention_mask is {mask.shape[1]} wide (expected "
-            f"{cached + length}). Pass an attention_mask covering the cached and the new "
-            "tokens, or report this with your transformers version"
-        )
-    if mask is not None and mask.shape[1] < length:
-        raise RuntimeError(
-            f"the attention_mask is {mask.shape[1]} wide but the input has {length} tokens "
-            f"(transformers {_transformers_version()}); pass a (batch, tokens) mask"
-        )
-    past = cached if cached is not None else (mask.shape[1] - length if mask is not None else 0)
-    key = None if cache is None else id(cache)
-    if past == 0:
-        return Step(next(_RUN_IDS), 0, 0, batch, length, mask, key)
-    return Step(previous.run, previous.index + 1, past, batch, length, mask, key)
-
-
-_RUN_IDS = itertools.count()  # unique across engines: a re-entered block never joins an old run
-
-
-def _cache_of(kwargs: Mapping[str, Any]) -> tuple[Any, int | Tensor | None]:
-    """(the forward's KV cache, the tokens it holds) whatever keyword carries it; (None, None)
-    without a cache. The length is an int, or a 0-d device tensor for a static cache."""
-    for key, value in kwargs.items():
-        if value is None or isinstance(value, (Tensor, bool, int, float, str)):
-            continue
-        if hasattr(value, "get_seq_length"):
-            return value, value.get_seq_length()
-        if isinstance(value, (tuple, list)) and key in ("past_key_values", "cache"):
-            first = value[0] if value else None  # legacy cache: ((key, value), ...) per layer
-            if isinstance(first, (tuple, list)) and first and isinstance(first[0], Tensor):
-                return value, int(first[0].shape[-2])
-            if not value:
-                return value, 0
-        if type(value).__name__.endswith("Cache"):
-            raise RuntimeError(
-                f"the forward's {key!r} is a {type(value).__name__} without get_seq_length(), "
-                f"so residtap cannot tell a decode step from a new sequence (transformers "
-                f"{_transformers_version()}); use a standard transformers cache "
-                "(DynamicCache, StaticCache)"
-            )
-    return None, None
-
-
-def _static_length(cached: Tensor, cache: Any, mask: Tensor | None, length: int,
-                   previous: Step) -> int:
-    """A static cache's length without reading the device: from the mask's width, or, for a
-    one-token step on the cache the previous forward used, from that forward's Step. Only a
-    static cache seen for the first time mid-sequence costs one host read."""
-    if mask is not None:
-        return mask.shape[1] - length
-    if length == 1 and previous.cache == id(cache):
-        return previous.past + previous.length
-    return int(cached)
-
-
-def _transformers_version() -> str:
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - residtap requires it
-        return "not installed"
-    return transformers.__version__
-
-
-def hidden_of(output: Any, field: str | None = None) -> Any:
-    """The tensor a module's output stands for: the output itself, a tuple/list's first element,
-    or a ModelOutput's `field` (or first entry). The one place that knows these shapes."""
-    if field is not None:
-        return getattr(output, field, None)
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    return output
-
-
-def with_hidden(output: Any, field: str | None, hidden: Tensor) -> Any:
-    """`output` with the tensor `hidden_of` found replaced by `hidden`."""
-    if field is not None:
-        output[field] = hidden  # ModelOutput supports item assignment and keeps attrs in sync
-        return output
-    if isinstance(output, Tensor):
-        return hidden
-    if isinstance(output, (tuple, list)):
-        return type(output)([hidden, *output[1:]])
-    raise TypeError(f"cannot replace the hidden state in a {type(output).__name__}")
 
 
 class Engine:
@@ -201,6 +74,8 @@ class Engine:
         self.paused = 0  # > 0 while residtap's own validation forward runs: taps ignore it
         self.thread: int | None = None  # the thread whose forwards the open blocks see
         self.any_thread = False  # every open block accepts forwards from any thread
+        self.clock: Clock | None = None  # set by timing(model)
+        self._callbacks: list[Callable[[Step], None]] = []  # blocks' on_forward, in order
         self._forward_patch: tuple[bool, Any] | None = None  # (had an own forward, it)
         self._signature = inspect.signature(model.forward)
         self._root_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
@@ -209,18 +84,28 @@ class Engine:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.paused:
             return
-        if (not self.any_thread and not torch.compiler.is_compiling()
-                and threading.get_ident() != self.thread):  # not traceable: eager calls only
-            raise RuntimeError(
-                f"residtap taps are open on this {type(self.model).__name__} in another thread "
-                f"({self.thread}); this forward runs in thread {threading.get_ident()} and would "
-                "be read or steered by them. Call the model from the thread that opened the "
-                "`with` block, or give each thread its own model"
-            )
-        if args:  # rare: HF callers pass keywords; bind positionals to their names
-            kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
-        self.step = next_step(self.step, kwargs)
-        self._fired = set()
+        clock = self.clock
+        t0 = time.perf_counter() if clock is not None else 0.0
+        try:
+            if (not self.any_thread and not torch.compiler.is_compiling()
+                    and threading.get_ident() != self.thread):  # not traceable: eager only
+                raise RuntimeError(
+                    f"residtap taps are open on this {type(self.model).__name__} in another "
+                    f"thread ({self.thread}); this forward runs in thread "
+                    f"{threading.get_ident()} and would be read or steered by them. Call the "
+                    "model from the thread that opened the `with` block, or give each thread "
+                    "its own model"
+                )
+            if args:  # rare: HF callers pass keywords; bind positionals to their names
+                kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
+            self.step = next_step(self.step, kwargs)
+            self._fired = set()
+            for callback in self._callbacks:  # e.g. the probe bank plans its slots
+                callback(self.step)
+        finally:
+            if clock is not None:
+                clock.seconds += time.perf_counter() - t0
+                clock.hook_calls += 1
 
     def _site_done(self, site: Site) -> None:
         self._fired.add(site)
@@ -264,12 +149,13 @@ class Engine:
             self._recompute()
             if not self._sessions:
                 self._root_handle.remove()
-                _ENGINES.pop(self.model, None)
+                ENGINES.pop(self.model, None)
 
     def _recompute(self) -> None:
         self._wanted = {s for b in self._sessions for s in b.sites}
         self._stop = bool(self._sessions) and all(b.stop_early for b in self._sessions)
         self.any_thread = bool(self._sessions) and all(b.any_thread for b in self._sessions)
+        self._callbacks = [b.on_forward for b in self._sessions if b.on_forward is not None]
         if self._stop and self._forward_patch is None:
             self._catch_stop()
         elif not self._stop and self._forward_patch is not None:
@@ -350,16 +236,30 @@ class _SiteHandler:
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self.engine.paused:
             return None
-        hidden, changed = self._run_taps(hidden_of(output, self.site.field))
-        result = with_hidden(output, self.site.field, hidden) if changed else None
+        clock = self.engine.clock
+        t0 = time.perf_counter() if clock is not None else 0.0
+        try:
+            hidden, changed = self._run_taps(hidden_of(output, self.site.field))
+            result = with_hidden(output, self.site.field, hidden) if changed else None
+        finally:
+            if clock is not None:
+                clock.seconds += time.perf_counter() - t0
+                clock.hook_calls += 1
         self.engine._site_done(self.site)
         return result
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.engine.paused:
             return None
-        in_args = bool(args)
-        hidden, changed = self._run_taps(args[0] if in_args else kwargs.get("hidden_states"))
+        clock = self.engine.clock
+        t0 = time.perf_counter() if clock is not None else 0.0
+        try:
+            in_args = bool(args)
+            hidden, changed = self._run_taps(args[0] if in_args else kwargs.get("hidden_states"))
+        finally:
+            if clock is not None:
+                clock.seconds += time.perf_counter() - t0
+                clock.hook_calls += 1
         self.engine._site_done(self.site)
         if not changed:
             return None
@@ -384,12 +284,9 @@ def _check_compiled(model: nn.Module) -> None:
         )
 
 
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
-
-
 def engine_of(model: nn.Module) -> Engine | None:
     """The model's active engine, or None when no tap block is open on it."""
-    return _ENGINES.get(model)
+    return ENGINES.get(model)
 
 
 class TapBlock:
@@ -404,6 +301,7 @@ class TapBlock:
         stop_early: bool = False,
         arch: Arch | None = None,
         any_thread: bool = False,
+        on_forward: Callable[[Step], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -416,6 +314,7 @@ class TapBlock:
         self.model = model
         self.stop_early = stop_early
         self.any_thread = any_thread
+        self.on_forward = on_forward  # called with the Step before each forward runs
         self._taps: list[tuple[Site, Tap]] = []
         for name, fns in taps.items():
             site = name if isinstance(name, Site) else resolve_site(model, name, arch)
@@ -429,9 +328,9 @@ class TapBlock:
     def __enter__(self) -> TapBlock:
         if self._engine is not None:
             raise RuntimeError("this tap block is already open; make a new one to nest")
-        engine = _ENGINES.get(self.model)
+        engine = ENGINES.get(self.model)
         if engine is None:
-            engine = _ENGINES[self.model] = Engine(self.model)
+            engine = ENGINES[self.model] = Engine(self.model)
         self._engine = engine
         try:
             for site, fn in self._taps:
@@ -476,3 +375,23 @@ def count_hooks(model: nn.Module) -> int:
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
     )
+
+
+@contextmanager
+def timing(model: nn.Module) -> Iterator[Clock]:
+    """Time spent inside residtap's hooks on `model` while the block is open (for benchmarks):
+    `with bank.attach(model) as run, timing(model) as clock: model.generate(...)`."""
+    engine = ENGINES.get(model)
+    if engine is None:
+        raise RuntimeError(
+            f"no residtap taps are open on this {type(model).__name__}: open the tap block "
+            "(capture, bank.attach, steer, ...) first, then timing(model) inside it"
+        )
+    clock, previous = Clock(), engine.clock
+    engine.clock = clock
+    try:
+        yield clock
+    finally:
+        engine.clock = previous
+
+
