@@ -6,9 +6,10 @@ validation of either on first use.
 
 `ARCHITECTURES` is the only table keyed by `model_type`: sites, the lens readout and the cost
 counters all read the same entry. A model type it does not list is discovered from its module
-structure and one tiny forward (residtap.discover). Either way, the parts are then proved on
-that forward against the model's own `output_hidden_states` and logits, once per model object;
-a part that fails is refused by name when a site asks for it, never read wrongly.
+structure and one tiny forward (residtap.recording, residtap.discover). Either way, the parts
+are then proved on that forward against the model's own `output_hidden_states` and logits
+(residtap.validate), once per model object; a part that fails is refused by name when a site
+asks for it, never read wrongly.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from residtap import discover
+from residtap.discover import discover
 from residtap.hooks import paused
+from residtap.recording import find_blocks, kind_of, record
+from residtap.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +175,18 @@ def _find(model: nn.Module, arch: Arch | None) -> Finding:
         origin = "table"
     if arch is None:
         origin = "discovered"
-    layers = locate(model, arch.layers) if arch is not None else discover.find_blocks(model)
+    layers = locate(model, arch.layers) if arch is not None else find_blocks(model)
     if _on_meta(model):
         arch = arch or structural_arch(model, layers)
         why = "unchecked: the model's weights are on the meta device"
         return Finding(arch, origin, _paths(model, arch, layers), dict.fromkeys(PARTS, why))
     with paused(model):
-        rec = discover.record(model, layers)
+        rec = record(model, layers)
     if arch is None:
-        fields_ = discover.discover(rec, model)
+        fields_ = discover(rec, model)
         arch = Arch(**fields_, **_transforms(model.config))
     paths = _paths(model, arch, layers)
-    checks = discover.validate(rec, model, arch, paths)
+    checks = validate(rec, model, arch, paths)
     for part, why in arch.notes:
         if part in ("norm",) and arch.final_norm is None:
             checks[part] = why
@@ -240,7 +243,7 @@ def structural_arch(model: nn.Module, layers: str) -> Arch:
     block = model.get_submodule(layers)[0]
     names = {"attn": [], "mlp": [], "norm": []}
     for name, child in block.named_children():
-        kind = discover.kind_of(name, type(child).__name__,
+        kind = kind_of(name, type(child).__name__,
                                 any(True for _ in child.parameters()))
         if kind is not None:
             names[kind].append(name)

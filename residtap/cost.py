@@ -207,7 +207,7 @@ def meta_model(cfg: PretrainedConfig) -> nn.Module:
 def model_shape(config: dict | PretrainedConfig | str | Path) -> ModelShape:
     """The exact parameter count and shape numbers of any decoder's config."""
     from residtap.arch import find
-    from residtap.discover import kind_of
+    from residtap.recording import kind_of
 
     cfg, _ = load_config(config)
     model = meta_model(cfg)

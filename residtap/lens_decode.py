@@ -51,8 +51,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from residtap.arch import Arch, find
-from residtap.discover import logit_transform
 from residtap.distributed import VocabShard, vocab_shard
+from residtap.validate import logit_transform
 
 log = logging.getLogger(__name__)
 
