@@ -312,3 +312,59 @@ def test_weights_fingerprint_tells_checkpoints_apart_but_not_dtypes_or_the_head(
     with torch.device("meta"):
         meta = tf.AutoModelForCausalLM.from_config(model.config)
     assert weights_fingerprint(meta) is None  # nothing to read: checked by config only
+
+
+def test_two_threads_on_one_model_never_record_or_steer_each_others_forwards():
+    """Thread A captures (and steers) in a loop while thread B runs plain forwards of the same
+    model at the same time: B's forwards inside A's block are refused, never recorded or
+    steered; A records exactly its own inputs; after A's block B runs plain again."""
+    import threading
+
+    from conftest import batch_ids
+
+    import residtap
+
+    model = tiny_model("llama", layers=2)
+    vector = SteeringVector(torch.ones(32), site="layers.0", method="tensor")
+    a_open, b_done = threading.Event(), threading.Event()
+    refused, b_out, a_inputs = [], [], []
+
+    def thread_a():
+        with torch.no_grad(), residtap.capture(model, ["layers.1"]) as acts, \
+                residtap.steer(model, vector, 2.0):
+            a_open.set()
+            for i in range(8):
+                ids = batch_ids(seed=i)
+                a_inputs.append(ids)
+                model(input_ids=ids)
+            b_done.wait(timeout=60)
+        thread_a.acts = acts
+
+    def thread_b():
+        a_open.wait(timeout=60)
+        for i in range(8):
+            try:
+                with torch.no_grad():
+                    b_out.append(model(input_ids=batch_ids(seed=100 + i)).logits)
+            except RuntimeError as err:
+                refused.append(str(err))
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(refused) == 8 and not b_out and "another thread" in refused[0]
+    acts = thread_a.acts
+    assert len(acts.runs) == 8  # A's own forwards, nothing of B's
+    with torch.no_grad(), residtap.steer(model, vector, 2.0), \
+            residtap.capture(model, ["layers.1"]) as again:
+        model(input_ids=a_inputs[3])
+    assert torch.equal(acts.run(3)["layers.1"], again["layers.1"])
+    plain = []
+    worker = threading.Thread(target=lambda: plain.append(model(input_ids=batch_ids(seed=1))))
+    worker.start()
+    worker.join()
+    with torch.no_grad():
+        assert torch.equal(plain[0].logits.detach(), model(input_ids=batch_ids(seed=1)).logits)
