@@ -251,7 +251,7 @@ def test_compare_stores_names_a_constant_site(tmp_path, caplog):
     from conftest import tiny_model
 
     import residtap
-    from residtap.cli.compare import store_similarity
+    from residtap.analysis import store_similarity
 
     rows = [{"id": f"t{i}", "input_ids": [5 + i % 11, 9 + i % 3, 70], "label": i % 2}
             for i in range(48)]

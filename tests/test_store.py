@@ -725,7 +725,7 @@ def test_ragged_csv_rows_whitespace_texts_and_mixed_labels_are_refused(tmp_path)
 
 def test_compare_refuses_stores_of_other_texts_with_the_same_ids_and_lengths(tmp_path, capsys):
     """Before: only ids and (sample, position) rows were compared, so these were 'aligned'."""
-    from residtap.cli.compare import store_similarity
+    from residtap.analysis import store_similarity
 
     model, tok, rows = tiny_model("llama"), word_tokenizer(), texts(5)
     swapped = [{**r, "text": " ".join(WORDS[(WORDS.index(w) + 1) % len(WORDS)]

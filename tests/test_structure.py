@@ -241,7 +241,7 @@ def test_no_file_over_the_line_limit_unless_architecture_says_why():
 
 def test_only_the_engine_registers_hooks():
     offenders = []
-    for name, path in MODULES.items():
+    for path in MODULES.values():
         rel = str(path.relative_to(ROOT))
         if rel in HOOK_OWNERS:
             continue

@@ -16,9 +16,8 @@ import torch
 from conftest import tiny_model
 
 import residtap
-from residtap.analysis import linear_cka
+from residtap.analysis import linear_cka, store_similarity
 from residtap.cli import main
-from residtap.cli.compare import store_similarity
 from residtap.probes import evaluate, load_probe, train_attention_probe
 from residtap.probes.sweep import plan_split, store_sequences, sweep
 from residtap.report import heatmap_html, heatmap_png, line_html, line_png
