@@ -3,7 +3,7 @@
 Prints the arithmetic, bytes and serving-latency overhead of the probes against the forward
 pass they ride on, for a naive readout (a hook and a host sync per probe) and a packed one (one
 matmul per site, scores kept on the device), and a verdict. Predictions, not measurements; the
-model behind them is in residtap/cost.py. `--measure` (a local model folder or 'organism')
+model behind them is in residtap/cost/. `--measure` (a local model folder or 'organism')
 also times greedy generate with and without a packed bank of random probes on this machine and
 prints the measured numbers beside the predicted ones (per forward: generate time / new tokens).
 
