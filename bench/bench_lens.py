@@ -40,8 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from residtap.lens import LogitLens  # noqa: E402
-from residtap.lens_decode import DEFAULT_MEMORY_BUDGET  # noqa: E402
+from residtap.lens import DEFAULT_MEMORY_BUDGET, LogitLens  # noqa: E402
 from residtap.sites import final_norm, num_layers  # noqa: E402
 
 VARIANTS = ("generate", "ours", "naive", "floor")

@@ -10,12 +10,11 @@ __version__ = "0.1.0"
 
 from residtap.capture import Activations, capture
 from residtap.engine import Step, StopForward, tap
-from residtap.lens import LensResult, LogitLens, run_lens
+from residtap.lens import LensResult, LogitLens, TunedLens, run_lens, train_tuned_lens
 from residtap.probes.bank import ProbeBank
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
 from residtap.steering import SteerabilityResult, SteeringVector, steer, steerability
 from residtap.store import Store, extract
-from residtap.tuned_lens import TunedLens, train_tuned_lens
 
 __all__ = [
     "ARCHITECTURES", "Activations", "Arch", "Step", "StopForward", "capture", "layer_sites",

@@ -229,14 +229,13 @@ def _best_exit(curve: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # -- 4: logit lens ---------------------------------------------------------------------------
 def _lens(inputs: DemoInputs, out: Path):
-    from residtap.lens_plot import heatmap_svg, write_html
+    from residtap.lens.plot import heatmap_svg, write_files
 
     if not inputs.lens_prompts:
         return None, None
     model, tok, prompts = inputs.model, inputs.tokenizer, list(inputs.lens_prompts[:1])
     result = residtap.run_lens(model, tok, prompts, max_new_tokens=10, top_k=5)
-    paths = result.save(out / "lens")
-    write_html(result, paths["html"], back="../report.html")  # the same page, linking back
+    write_files(result, out / "lens", back="../report.html")
     real = result.attention_mask[0].bool()
     kl = result.kl[:, 0][:, real].mean(dim=1)  # (L,)
     rows = [{"site": s, "mean KL to final (nats)": round(float(v), 4),

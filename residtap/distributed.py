@@ -17,7 +17,7 @@ every rank: steering (residtap.steer) adds the same delta on each rank and probe
 full sites, so both give the single-process results. Stores are written by rank 0 only. The
 logit lens decodes with each rank's vocabulary shard of `lm_head` (`vocab_shard`) and merges
 top-k, log-sum-exp, entropy, KL and ranks with small collectives, never gathering full logits
-(residtap.lens_decode). Every rank must make the same residtap calls, since they communicate.
+(residtap.lens.decode). Every rank must make the same residtap calls, since they communicate.
 
 Data parallelism: `residtap.extract(..., distributed="data")` splits the data set into one
 contiguous block per rank; each rank writes its own resumable part, and rank 0 then writes a

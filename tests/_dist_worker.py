@@ -23,7 +23,8 @@ from torch import nn
 
 import residtap
 import residtap.distributed as rd
-from residtap.lens_decode import Readout, decode
+from residtap.lens import Readout
+from residtap.lens.decode import decode
 
 IDS = [[5, 9, 13, 22, 40, 7], [8, 31, 4], [11, 12, 60, 4, 3], [7, 7, 8], [50, 51, 52, 53],
        [9, 10], [33, 34, 35, 36, 37, 38], [21, 22, 23]]

@@ -24,10 +24,10 @@ from test_store import SITES, texts, word_tokenizer, write_jsonl
 
 from residtap.cli import main
 from residtap.identity import model_identity
+from residtap.lens import TunedLens
 from residtap.probes import Probe, load_probe, save_probe
 from residtap.steering import SteeringVector
 from residtap.store import Store, extract
-from residtap.tuned_lens import TunedLens
 
 WORKER = Path(__file__).with_name("_store_worker.py")
 SHARD_ROWS = 10

@@ -13,8 +13,7 @@ from conftest import FAMILIES, batch_ids, family_model
 
 import residtap
 from residtap.arch import ARCHITECTURES, find
-from residtap.lens import LogitLens
-from residtap.lens_decode import readout_of
+from residtap.lens import LogitLens, readout_of
 from residtap.sites import blocks, num_layers
 
 # family -> (ln1, attn, ln2, mlp) relative to a block; None: the family has no such part.

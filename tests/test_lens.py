@@ -14,8 +14,8 @@ from conftest import VOCAB, batch_ids, tiny_model, word_tokenizer
 
 import residtap
 from residtap.engine import count_hooks
-from residtap.lens import JSON_FORMAT, LogitLens, run_lens
-from residtap.lens_decode import Readout, decode, readout_of
+from residtap.lens import JSON_FORMAT, LogitLens, Readout, readout_of, run_lens
+from residtap.lens.decode import decode
 from residtap.sites import final_norm, num_layers
 
 
@@ -126,7 +126,7 @@ def test_chunked_decode_equals_unchunked(arch):
 def test_exp_without_the_max_shift_equals_the_shifted_exp(monkeypatch, scale):
     """Rows whose max is small take exp(logits) unshifted; forcing the shift everywhere
     (EXP_SAFE = 0) gives the same statistics."""
-    import residtap.lens_decode as lens_decode
+    import residtap.lens.decode as lens_decode
 
     model = sharpened(tiny_model("llama", layers=3), scale)
     ids, mask = padded_batch()
@@ -259,7 +259,7 @@ def test_json_holds_every_statistic(text_result):
 
 
 def test_html_is_self_contained_and_holds_the_data(text_result, tmp_path):
-    from residtap.lens_plot import write_html
+    from residtap.lens.plot import write_html
 
     path = write_html(text_result, tmp_path / "lens.html")
     page = path.read_text(encoding="utf-8")
@@ -277,7 +277,7 @@ def test_html_is_self_contained_and_holds_the_data(text_result, tmp_path):
 
 def test_png_heatmap(text_result, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (the plots extra) is not installed")
-    from residtap.lens_plot import write_png
+    from residtap.lens.plot import write_png
 
     for color in ("prob", "kl"):
         path = write_png(text_result, tmp_path / f"lens_{color}.png", row=1, color=color)
@@ -309,7 +309,7 @@ def test_cli_lens_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("V", [96, 1000, 1024])
 def test_blocked_topk_and_count_greater_match_torch(V):
-    from residtap.lens_decode import _padded_width, blocked_topk, count_greater
+    from residtap.lens.decode import _padded_width, blocked_topk, count_greater
 
     torch.manual_seed(V)
     logits = torch.randn(37, V) * 3

@@ -13,8 +13,7 @@ from conftest import batch_ids, tiny_model
 
 import residtap
 from residtap import organism
-from residtap.lens import LogitLens
-from residtap.tuned_lens import TunedLens, train_tuned_lens
+from residtap.lens import LogitLens, TunedLens, train_tuned_lens
 
 
 @pytest.fixture(scope="module")

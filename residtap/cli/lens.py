@@ -5,7 +5,7 @@ lens.html (self-contained, hover for the top-k) into DIR, and prints a per-site 
 With `--tuned FILE` the sites it has translators for decode through them (the tuned lens).
 
 `residtap tuned-lens MODEL --store DIR --out FILE`: train that file from a store of block
-outputs (see residtap.tuned_lens); prints each site's held-out KL with and without it.
+outputs (see residtap.lens.tuned); prints each site's held-out KL with and without it.
 
 examples:
   residtap lens organism --prompt "the cook" --prompt "today i am sad , and then the coach" \
@@ -36,8 +36,8 @@ from residtap.cli.common import (
     load_model_from_args,
     progress,
 )
-from residtap.lens import LensResult, run_lens
-from residtap.tuned_lens import TunedLens, train_tuned_lens
+from residtap.lens import LensResult, TunedLens, run_lens, train_tuned_lens
+from residtap.lens.plot import write_files
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run(args) -> int:
                           top_k=args.top_k, sublayers=args.sublayers,
                           memory_budget=args.memory_budget_mb * 2**20,
                           progress=progress(args), translators=tuned)
-    paths = result.save(args.out, row=args.row, color=args.color)
+    paths = write_files(result, args.out, row=args.row, color=args.color)
     summary = site_summary(result)
     generated = [tokenizer.decode(row[result.prompt_length:])
                  for row in result.sequences.tolist()]

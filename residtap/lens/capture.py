@@ -2,14 +2,15 @@
 
     result = residtap.run_lens(model, tokenizer, ["The capital of France is"], max_new_tokens=8)
     result.topk_probs              # (L, B, T, k) full-vocabulary probabilities per layer/position
-    result.save("out/")            # lens.json, lens.png, lens.html
+    from residtap.lens.plot import write_files
+    write_files(result, "out/")    # lens.json, lens.png, lens.html
 
 How it works:
 1. Capture: one tap per site (block outputs `layers.{i}`, optionally their `attn`/`mlp`
    sublayers) writes each forward's hidden states into a preallocated buffer
    (B, n_sites, T_max, d) at `[:, slot, past:past+length]`: the prefill writes the prompt, each
    decode step one position. No list growth, no host synchronisation, KV cache on.
-2. Deferred decode (`residtap.lens_decode`): afterwards every (site, position) row goes through
+2. Deferred decode (`residtap.lens.decode`): afterwards every (site, position) row goes through
    the model's own final norm, unembedding and soft-cap in chunks sized by a memory budget.
 
 Positions: T = prompt length + new tokens - 1. The last generated token is never fed back, so
@@ -19,31 +20,30 @@ Greedy decoding is the default (`do_sample=False`) so runs are reproducible.
 
 Tensor parallelism (under `torchrun`, Hugging Face `tp_plan="auto"`): the residual stream is
 full on every rank, so capture is unchanged; the decode uses each rank's vocabulary shard of
-`lm_head` and merges the statistics across ranks (see residtap.lens_decode). Every rank returns
+`lm_head` and merges the statistics across ranks (see residtap.lens.decode). Every rank returns
 the same LensResult; run the lens on every rank, and save it from rank 0.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from residtap.engine import Step, tap
 from residtap.identity import check_same_model
-from residtap.lens_decode import DEFAULT_MEMORY_BUDGET, Readout, decode, readout_of
+from residtap.lens.decode import DEFAULT_MEMORY_BUDGET, decode
+from residtap.lens.readout import Readout, readout_of
+from residtap.lens.result import LensResult
 from residtap.sites import Arch, layer_sites, num_layers, resolve_site
 from residtap.steering._batch import forward_inputs
 
 log = logging.getLogger(__name__)
 
-JSON_FORMAT = "residtap.lens/1"
 _NOT_LENSABLE = ("logits", "norm")
 
 
@@ -199,7 +199,7 @@ class LogitLens:
         tokenizer: Any = None,
         progress: bool = False,
     ) -> LensResult:
-        """Decode a capture through the model's readout (see residtap.lens_decode)."""
+        """Decode a capture through the model's readout (see residtap.lens.decode)."""
         hidden = captured.hidden
         if self.translators is not None:  # the tuned lens: translate, then the same decode
             hidden = hidden.clone()
@@ -301,81 +301,3 @@ def run_lens(
     return lens.run(ids, mask, max_new_tokens=max_new_tokens, top_k=top_k,
                     memory_budget=memory_budget, tokenizer=tokenizer, progress=progress,
                     **generate_kwargs)
-
-
-@dataclass
-class LensResult:
-    """What the lens saw. L = sites, B = batch rows, T = positions, k = top-k."""
-
-    sites: list[str]
-    topk_ids: Tensor  # (L, B, T, k) int64
-    topk_probs: Tensor  # (L, B, T, k) float32, full-vocabulary probabilities
-    entropy: Tensor  # (L, B, T) nats
-    kl: Tensor  # (L, B, T) KL(final layer || site), nats
-    actual_rank: Tensor  # (L, B, T) rank of the token that came next; -1 unknown
-    sequences: Tensor  # (B, T_total) prompt + generated token ids
-    attention_mask: Tensor  # (B, T) 1 at real positions
-    prompt_length: int
-    vocab_text: dict[int, str] = field(default_factory=dict)  # id -> decoded text
-
-    @property
-    def length(self) -> int:
-        return int(self.topk_ids.shape[2])
-
-    def add_token_text(self, tokenizer: Any) -> None:
-        """Decode the text of every token id that appears (each id once)."""
-        ids = torch.cat([self.topk_ids.flatten(), self.sequences.flatten()]).unique().tolist()
-        self.vocab_text = {i: tokenizer.decode([i]) for i in ids}
-
-    def text(self, token_id: int) -> str:
-        return self.vocab_text.get(int(token_id), f"<{int(token_id)}>")
-
-    def real_positions(self, row: int = 0) -> list[int]:
-        """Positions of batch row `row` that hold real tokens (pads skipped)."""
-        self._check_row(row)
-        return self.attention_mask[row].nonzero().flatten().tolist()
-
-    def _check_row(self, row: int) -> None:
-        B = self.topk_ids.shape[1]
-        if not -B <= row < B:
-            raise IndexError(f"row {row} out of range: the result has {B} batch rows")
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain lists (nested L, B, T[, k]) ready for json.dump; probabilities to 6 digits."""
-        text = self.text
-        return {
-            "format": JSON_FORMAT,
-            "sites": self.sites,
-            "prompt_length": self.prompt_length,
-            "top_k": int(self.topk_ids.shape[-1]),
-            "tokens": self.sequences.tolist(),
-            "token_text": [[text(i) for i in row] for row in self.sequences.tolist()],
-            "attention_mask": self.attention_mask.tolist(),
-            "topk_ids": self.topk_ids.tolist(),
-            "topk_text": _map_nested(self.topk_ids.tolist(), text),
-            "topk_probs": _rounded(self.topk_probs),
-            "entropy": _rounded(self.entropy),
-            "kl": _rounded(self.kl),
-            "actual_rank": self.actual_rank.tolist(),
-        }
-
-    def save(self, out_dir: str | Path, *, row: int = 0,
-             color: Literal["prob", "kl"] = "prob") -> dict[str, Path]:
-        """Write lens.json, lens.png (heatmap of `row`) and lens.html into `out_dir`."""
-        from residtap.lens_plot import write_html, write_png
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "lens.json", "png": out / "lens.png", "html": out / "lens.html"}
-        paths["json"].write_text(json.dumps(self.to_json()), encoding="utf-8")
-        write_png(self, paths["png"], row=row, color=color)
-        write_html(self, paths["html"], color=color)
-        return paths
-
-
-def _rounded(t: Tensor, digits: int = 6) -> list:
-    return torch.round(t.float(), decimals=digits).tolist()
-
-
-def _map_nested(values: list, fn) -> list:
-    return [_map_nested(v, fn) if isinstance(v, list) else fn(v) for v in values]

@@ -1,15 +1,11 @@
 """Deferred logit-lens decode: captured hidden states -> the model's own readout -> statistics.
 
-    readout = readout_of(model)          # final norm, projection, unembedding, logit transform
+    readout = readout_of(model)          # residtap.lens.readout: the model's own readout
     stats = decode(hidden, length=T, readout=readout, next_ids=ids, final_slot=-1)
     stats.topk_probs                     # (S, B, T, k) full-vocabulary probabilities
 
-Every (site, position) row goes through exactly what the model applies after its last block:
-the final norm, any projection (OPT's `project_out`), the unembedding and any final logit
-transform (Gemma 2/3's soft-cap `tanh(logits / cap) * cap`, Cohere's `logit_scale`, Granite's
-`logits_scaling`). Which of these a model has comes from its residtap.arch entry (the one table,
-or discovery), validated on first use: the readout of the last block equals the model's own
-logits, or `readout_of` refuses, naming what disagreed (pass `readout=Readout(...)`).
+Every (site, position) row goes through exactly what the model applies after its last block
+(`Readout`: final norm, projection, unembedding, logit transform).
 
 Rows are decoded in chunks sized by a memory budget, so only one chunk's full-vocabulary logits
 exist at a time. A chunk holds every site of a few positions, so the final layer's
@@ -48,101 +44,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from residtap.arch import Arch, find
 from residtap.distributed import VocabShard, vocab_shard
-from residtap.validate import logit_transform
+from residtap.lens.readout import Readout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of full-vocabulary work space per chunk
-
-
-@dataclass
-class Readout:
-    """The model's own path from a residual-stream vector to logits.
-
-    norm:    the final norm (None only for a model without one; pass it explicitly)
-    unembed: a Linear-like module with `weight` (V, d) and optional `bias` (V,)
-    softcap: final logit soft-cap, or None
-    project: a module applied after the norm and before the unembedding, or None
-    scale:   a multiplier applied last (Cohere's logit_scale, 1 / Granite's logits_scaling)"""
-
-    norm: nn.Module | None
-    unembed: nn.Module
-    softcap: float | None = None
-    project: nn.Module | None = None
-    scale: float | None = None
-
-    def __post_init__(self) -> None:
-        weight = getattr(self.unembed, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(
-                "the unembedding must be a Linear-like module with a 2-D weight (vocab, d); got "
-                f"{type(self.unembed).__name__}; pass readout=Readout(norm=..., unembed=...)"
-            )
-
-    @property
-    def weight(self) -> Tensor:
-        return self.unembed.weight  # (V, d)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.weight.shape[0])
-
-    def logits(
-        self, hidden: Tensor, out: Tensor | None = None, *, shard: VocabShard | None = None
-    ) -> Tensor:
-        """Logits (R, V) for residual vectors `hidden` (R, d), optionally written into `out`.
-
-        With `shard` (a vocabulary-sharded unembedding), only this rank's columns: (R, V_local)."""
-        weight = self.weight if shard is None else shard.weight  # (V, d) or (V_local, d)
-        bias = getattr(self.unembed, "bias", None) if shard is None else shard.bias
-        h = hidden.to(weight.dtype)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.project is not None:
-            h = self.project(h)
-        if bias is None:
-            logits = torch.matmul(h, weight.t(), out=out)  # (R, V)
-        else:
-            logits = torch.addmm(bias, h, weight.t(), out=out)
-        if self.softcap is not None and logits.requires_grad:  # training a tuned lens
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        elif self.softcap is not None:
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        if self.scale is not None and logits.requires_grad:
-            logits = logits * self.scale
-        elif self.scale is not None:
-            logits.mul_(self.scale)
-        return logits
-
-
-def readout_of(model: nn.Module, arch: Arch | None = None) -> Readout:
-    """The model's own readout, from its residtap.arch entry (table or discovered) once
-    validation showed it reproduces the model's logits; LookupError otherwise."""
-    found = find(model, arch)
-    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if unembed is None:
-        raise LookupError(
-            f"{type(model).__name__} has no output embeddings, so there is nothing to lens "
-            "through; load the model with AutoModelForCausalLM"
-        )
-    if not found.usable("logits"):
-        raise LookupError(
-            f"residtap cannot reproduce {type(model).__name__}'s logits from its last block "
-            f"(parts {found.origin}): {found.refusal('logits')}. Pass the parts yourself: "
-            "readout=residtap.lens.Readout(norm=<final norm>, unembed=<lm head>, softcap=..., "
-            "project=..., scale=...)"
-        )
-    softcap, scale = logit_transform(model.config, found.arch)
-    paths = found.paths
-    return Readout(
-        norm=model.get_submodule(paths["final_norm"]) if paths["final_norm"] else None,
-        unembed=unembed, softcap=softcap, scale=None if scale == 1.0 else scale,
-        project=model.get_submodule(paths["project_out"]) if paths["project_out"] else None,
-    )
 
 
 @dataclass

@@ -1,6 +1,9 @@
-"""Pictures of a logit lens: a PNG heatmap (matplotlib) and a self-contained interactive HTML.
+"""Pictures and files of a logit lens: a PNG heatmap (matplotlib), a self-contained interactive
+HTML, and lens.json. The lens itself (residtap.lens) returns data; the command line and the demo
+call this module to write it.
 
-    from residtap.lens_plot import write_png, write_html
+    from residtap.lens.plot import write_files, write_png, write_html
+    write_files(result, "out/")                          # lens.json, lens.png, lens.html
     write_png(result, "lens.png", row=0, color="prob")   # layers x positions of batch row 0
     write_html(result, "lens.html")                      # every row; hover a cell for its top-k
 
@@ -19,14 +22,16 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+from residtap.report.page import back_link
+from residtap.report.plots import nice_ticks, pyplot, tick_label, viridis
 
 if TYPE_CHECKING:
-    from residtap.lens import LensResult
+    from residtap.lens.result import LensResult
 
 Color = Literal["prob", "kl"]
 FONT_PX = 11  # every text of the SVG heatmap; the report's browser test checks >= 10 px
-_ANCHORS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]  # viridis
 
 
 def _check_color(color: str) -> None:
@@ -51,25 +56,11 @@ def _short(text: str, width: int = 8) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError(
-            "the lens PNG needs matplotlib, which is not installed; install it with "
-            "`pip install 'residtap[plots]'` (or write HTML/JSON only)"
-        ) from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_png(result: LensResult, path: str | Path, *, row: int = 0, color: Color = "prob",
               dpi: int = 100) -> Path:
     """Heatmap of batch row `row`: sites (rows, last layer on top) x real positions."""
     positions, values = _grid(result, row, color)
-    plt = _pyplot()
+    plt = pyplot()
     L, P = len(result.sites), len(positions)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * P + 2.5), max(3.0, 0.45 * L + 2.0)))
     try:
@@ -100,15 +91,6 @@ def write_png(result: LensResult, path: str | Path, *, row: int = 0, color: Colo
     finally:
         plt.close(fig)
     return Path(path)
-
-
-def _rgb(value: float) -> str:
-    """viridis-like colour for value in [0, 1]."""
-    v = min(max(value, 0.0), 1.0) * (len(_ANCHORS) - 1)
-    i = min(int(v), len(_ANCHORS) - 2)
-    t = v - i
-    a, b = _ANCHORS[i], _ANCHORS[i + 1]
-    return "rgb({},{},{})".format(*(round(x + (y - x) * t) for x, y in zip(a, b, strict=True)))
 
 
 def heatmap_svg(result: LensResult, row: int = 0, color: Color = "prob", *,
@@ -154,7 +136,7 @@ def _svg(result: LensResult, row: int, color: Color, chars: int = 8) -> str:
             weight = ' font-weight="bold"' if rank[i][p] == 0 else ""
             out.append(
                 f'<g><title>{esc(tip)}</title><rect x="{x}" y="{y}" width="{cw - 1}" '
-                f'height="{ch - 1}" fill="{_rgb(values[i][j])}"/><text x="{x + cw / 2}" '
+                f'height="{ch - 1}" fill="{viridis(values[i][j])}"/><text x="{x + cw / 2}" '
                 f'y="{y + 15}" text-anchor="middle" fill="{shade}"{weight}>'
                 f"{esc(_short(result.text(ids[i][p][0]), chars))}</text></g>"
             )
@@ -177,12 +159,10 @@ def _svg(result: LensResult, row: int, color: Color, chars: int = 8) -> str:
 
 def _colour_scale(x: int, y: int, color: Color) -> str:
     """A horizontal colour bar from 0 to 1 with round ticks, and what the colour means."""
-    from residtap.report.plots import nice_ticks, tick_label
-
     width, parts = 200, []
     for k in range(40):
         parts.append(f'<rect x="{x + k * width / 40:.1f}" y="{y}" width="{width / 40 + 0.5:.1f}" '
-                     f'height="8" fill="{_rgb(k / 39)}"/>')
+                     f'height="8" fill="{viridis(k / 39)}"/>')
     for v in nice_ticks(0.0, 1.0, 4):  # [0, 1]: every tick is inside
         parts.append(f'<text x="{x + v * width:.1f}" y="{y + 20}" text-anchor="middle">'
                      f"{tick_label(v)}</text>")
@@ -215,8 +195,6 @@ def write_html(result: LensResult, path: str | Path, *, color: Color = "prob",
                rows: list[int] | None = None, back: str | None = None) -> Path:
     """A single self-contained HTML file: one heatmap per batch row, the data embedded.
     `back`: the href of the page this one belongs to (e.g. "../report.html"), linked on top."""
-    from residtap.report.page import back_link
-
     _check_color(color)
     rows = list(range(result.topk_ids.shape[1])) if rows is None else rows
     sections = [f'<h2>batch row {r}</h2><div class="row">{_svg(result, r, color)}</div>'
@@ -228,3 +206,17 @@ def write_html(result: LensResult, path: str | Path, *, color: Color = "prob",
                         rows="\n".join(sections), data=data, back=back_link(back))
     Path(path).write_text(page, encoding="utf-8")
     return Path(path)
+
+
+def write_files(result: LensResult, out_dir: str | Path, *, row: int = 0, color: Color = "prob",
+                back: str | None = None) -> dict[str, Path]:
+    """Write lens.json (`result.to_json()`), lens.png (heatmap of batch row `row`; needs
+    matplotlib) and lens.html (every row; `back` as in `write_html`) into `out_dir`."""
+    _check_color(color)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "lens.json", "png": out / "lens.png", "html": out / "lens.html"}
+    paths["json"].write_text(json.dumps(result.to_json()), encoding="utf-8")
+    write_png(result, paths["png"], row=row, color=color)
+    write_html(result, paths["html"], color=color, back=back)
+    return paths

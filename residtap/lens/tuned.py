@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from residtap.identity import check_finite, check_same_model, model_identity, read_safetensors
-from residtap.lens_decode import Readout, readout_of
+from residtap.lens.readout import Readout, readout_of
 from residtap.probes.splits import grouped_split
 from residtap.sites import num_layers, resolve_site
 from residtap.store.checks import check_out_file

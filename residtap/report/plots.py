@@ -12,6 +12,11 @@ A y value of None or NaN leaves a gap. The PNG needs matplotlib (optional: `pip 
 'residtap[plots]'`), imported only when a PNG is drawn. The HTML needs nothing: inline SVG, a
 few lines of inline JavaScript for the hover read-out and for hiding series from the legend, and
 the plotted data embedded as JSON; it loads nothing from the network.
+
+The helpers every picture of residtap shares live here too (the lens heatmap in
+residtap.lens.plot and the steering curves in residtap.steering.plot use them): `pyplot()`
+(matplotlib, or an ImportError saying how to install it), `viridis(t)` (the colour of a value
+in [0, 1] for SVG), `nice_ticks` and `tick_label` (round axis ticks).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def _numeric(x: Sequence[Any]) -> bool:
 # PNG (matplotlib, imported lazily)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg back end (files only, no window); an ImportError that says
+    how to install it where matplotlib is missing."""
     try:
         import matplotlib
     except ImportError as err:
@@ -96,7 +103,7 @@ def line_png(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[N
     """One line per series over x; series named in `dashed` (references such as chance) are
     drawn dashed, without markers. Returns the path written."""
     _check_lines(x, series)
-    plt = _pyplot()
+    plt = pyplot()
     xs = list(x) if _numeric(x) else list(range(len(x)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(x) + 2), 4.2))
     try:
@@ -129,7 +136,7 @@ def heatmap_png(path: str | Path, matrix: Sequence[Sequence[Number]], row_labels
     annotate: write each value in its cell (default: when the matrix has at most 20 x 20 cells).
     """
     values = _check_matrix(matrix, row_labels, col_labels)
-    plt = _pyplot()
+    plt = pyplot()
     n_rows, n_cols = len(row_labels), len(col_labels)
     annotate = n_rows <= 20 and n_cols <= 20 if annotate is None else annotate
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * n_cols + 2.5), max(4.0, 0.45 * n_rows + 2)))
@@ -316,8 +323,8 @@ def line_html(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[
     return _page(path, title, "\n".join(out), data, note, back)
 
 
-def _colour(t: float) -> str:
-    """Viridis-like colour for t in [0, 1]; grey for NaN."""
+def viridis(t: float) -> str:
+    """Viridis-like colour for t in [0, 1] (clipped), as an SVG colour; grey for NaN."""
     if math.isnan(t):
         return "#ccc"
     v = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
@@ -352,7 +359,7 @@ def heatmap_html(path: str | Path, matrix: Sequence[Sequence[Number]],
             tip = f"{ylabel or 'row'}: {row_label}\n{xlabel or 'column'}: {col_label}\n" \
                   f"value: {_fmt(v)}"
             out.append(f'<rect class="cell" x="{left + cell * j}" y="{y}" width="{cell - 1}" '
-                       f'height="{cell - 1}" fill="{_colour(t)}" data-tip="{esc(tip)}"/>')
+                       f'height="{cell - 1}" fill="{viridis(t)}" data-tip="{esc(tip)}"/>')
             if cell >= 34:
                 shade = "#000" if not math.isnan(v) and t > 0.6 else "#fff"
                 out.append(f'<text x="{left + cell * j + cell / 2}" y="{y + cell / 2 + 4}" '
@@ -366,7 +373,7 @@ def heatmap_html(path: str | Path, matrix: Sequence[Sequence[Number]],
     bar_x = left + cell * n_cols + 20
     for k in range(20):  # colour bar, high at the top
         out.append(f'<rect x="{bar_x}" y="{top + k * cell * n_rows / 20:.1f}" width="14" '
-                   f'height="{cell * n_rows / 20 + 0.5:.1f}" fill="{_colour(1 - k / 19)}"/>')
+                   f'height="{cell * n_rows / 20 + 0.5:.1f}" fill="{viridis(1 - k / 19)}"/>')
     for v in _inside(nice_ticks(lo, hi, 5), lo, hi):  # colour bar ticks, high at the top
         y = top + (hi - v) / (hi - lo) * cell * n_rows
         out.append(f'<text x="{bar_x + 18}" y="{y + 4:.1f}">{tick_label(v)}</text>')
