@@ -13,7 +13,8 @@ with `grouped_split` so no text's tokens are on both sides.
 
 from .attention import AttentionProbe, train_attention_probe
 from .files import load_probe, save_probe
-from .linear import DEFAULT_L2_GRID, Probe, class_weights, diff_means, train_probe
+from .linear import DEFAULT_L2_GRID, diff_means, train_probe
+from .logistic import class_weights
 from .metrics import (
     accuracy,
     auroc,
@@ -24,6 +25,7 @@ from .metrics import (
     f1,
     regression_metrics,
 )
+from .probe import Probe
 from .ridge import RidgeStats
 from .splits import grouped_split, row_split
 from .streaming import train_probe_streaming

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .linear import ClassWeight, class_weights, log_loss, probe_repr
+from .logistic import ClassWeight, class_weights, log_loss
 from .metrics import Labels, classification_metrics, encode_labels
+from .probe import probe_repr
 from .ridge import safe_std
 from .splits import GroupIds, grouped_split, row_split
 

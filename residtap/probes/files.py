@@ -34,7 +34,7 @@ from .. import __version__
 from ..identity import check_finite, check_same_model, model_identity, read_safetensors
 from ..store.checks import check_out_file
 from .attention import AttentionProbe
-from .linear import Probe
+from .probe import Probe
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from residtap.capture import capture
 from residtap.positions import Positions, check_positions
 from residtap.probes.attention import AttentionProbe
-from residtap.probes.linear import Probe
+from residtap.probes.probe import Probe
 from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
 from residtap.store.data import Sample, load_samples
 

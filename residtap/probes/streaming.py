@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .linear import ClassWeight, Probe, TrainKind, class_weights, log_loss
+from .linear import TrainKind
+from .logistic import ClassWeight, class_weights, log_loss
 from .metrics import classification_metrics, encode_labels
+from .probe import Probe
 from .ridge import RidgeStats, safe_std
 
 log = logging.getLogger(__name__)
