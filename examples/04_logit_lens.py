@@ -12,6 +12,7 @@ from pathlib import Path
 
 import residtap
 from residtap import organism
+from residtap.lens.plot import write_files
 
 OUT = Path(os.environ.get("RESIDTAP_EXAMPLES_OUT") or tempfile.mkdtemp(prefix="residtap-ex-"))
 OUT = OUT / "04_logit_lens"
@@ -36,6 +37,7 @@ for i, site in enumerate(result.sites):
     print(f"  {site:<9} top-1 {result.text(top)!r:<12} p={p:.2f}  KL to final {kl:.2f} nats")
 # The last layer's lens is the model's own prediction (KL 0): that is a residtap test.
 
-# %% Save the heatmap (PNG), the interactive page (HTML) and the numbers (JSON).
-paths = result.save(OUT)
+# %% Save the heatmap (PNG), the interactive page (HTML) and the numbers (JSON): the lens
+# returns data, residtap.lens.plot draws it.
+paths = write_files(result, OUT)
 print("wrote", ", ".join(p.name for p in paths.values()), "in", OUT)
