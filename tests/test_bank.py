@@ -56,13 +56,13 @@ def generate(model, ids, mask, n, **kw):
 
 
 @pytest.mark.parametrize("defer", [0, 2])  # 2: a deferred readout, its ring filled twice
-@pytest.mark.parametrize("positions", ["generated", "prompt_last", "prompt", "all"])
+@pytest.mark.parametrize("positions", ["generated", "last", "prompt", "all"])
 def test_packed_scores_equal_probes_on_captured_activations(positions, defer):
     model, bank, n = tiny_model("llama", layers=4), make_bank(), 5
     ids, mask = left_padded(PROMPTS)
     B, Tp = ids.shape
     sites = sorted({p.site for p in bank.probes})
-    slots = {"generated": n, "prompt_last": 1, "prompt": Tp, "all": Tp + n - 1}[positions]
+    slots = {"generated": n, "last": 1, "prompt": Tp, "all": Tp + n - 1}[positions]
     torch.manual_seed(3)  # sampling: the bank must follow whatever tokens are drawn
     with torch.no_grad(), residtap.capture(model, sites) as acts, bank.attach(
             model, batch_size=B, max_tokens=slots, positions=positions,
@@ -73,10 +73,10 @@ def test_packed_scores_equal_probes_on_captured_activations(positions, defer):
         assert run.flushes == 2
     full = expected_scores(bank, acts)  # (B, Tp + n - 1, C): every fed position
     real = mask.bool()
-    pick = {"generated": slice(Tp - 1, None), "prompt_last": slice(Tp - 1, Tp),
+    pick = {"generated": slice(Tp - 1, None), "last": slice(Tp - 1, Tp),
             "prompt": slice(0, Tp), "all": slice(None)}[positions]
     valid = {"generated": torch.ones(B, n, dtype=torch.bool),
-             "prompt_last": torch.ones(B, 1, dtype=torch.bool), "prompt": real,
+             "last": torch.ones(B, 1, dtype=torch.bool), "prompt": real,
              "all": torch.cat([real, torch.ones(B, n - 1, dtype=torch.bool)], 1)}[positions]
     assert res.scores.shape == (B, slots, 7) and torch.equal(res.valid, valid)
     for name, want in full.items():
@@ -107,11 +107,25 @@ def test_plain_forward_right_padding_reads_last_real_token():
     mask = (torch.arange(T) < torch.tensor([len(s) for s in PROMPTS])[:, None]).long()
     with torch.no_grad(), residtap.capture(model, ["layers.1", "layers.3", "embed"],
                                            positions="last") as acts:
-        with bank.attach(model, positions="prompt_last") as run:
+        with bank.attach(model, positions="last") as run:
             model(input_ids=ids, attention_mask=mask)
     want = expected_scores(bank, acts)
     for name in ("a", "b", "e"):
         assert torch.allclose(run.results()[name][:, 0], want[name], atol=1e-5)
+
+
+def test_prompt_last_is_a_deprecated_name_of_last():
+    model, bank = tiny_model("llama", layers=4), make_bank()
+    ids, mask = left_padded(PROMPTS)
+    runs = {}
+    for word in ("last", "prompt_last"):
+        with torch.no_grad(), bank.attach(model, positions=word) as runs[word]:
+            model(input_ids=ids, attention_mask=mask)
+    with pytest.warns(DeprecationWarning, match="'prompt_last' is now called 'last'"):
+        bank.attach(model, positions="prompt_last")
+    old, new = runs["prompt_last"].results(), runs["last"].results()
+    assert old.positions == new.positions == "last"
+    assert torch.equal(old.scores, new.scores) and torch.equal(old.valid, new.valid)
 
 
 def test_rows_are_never_attributed_to_another_request():
@@ -330,7 +344,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match=r"bias of probe 'q' must have shape \(2,\)"):
         ProbeBank().add("q", torch.randn(2, D), torch.zeros(3), site="layers.0")
     with pytest.raises(ValueError, match="positions must be one of"):
-        make_bank().attach(model, positions="last")
+        make_bank().attach(model, positions="first")
     with pytest.raises(ValueError, match="defer must be an int >= 0.*got -1"):
         make_bank().attach(model, defer=-1)
     with pytest.raises(ValueError, match="batch_size=2 .* has 3"), torch.no_grad(), \
@@ -347,7 +361,8 @@ def test_bad_inputs_give_clear_errors():
 
 
 def test_trained_probe_objects_and_probe_files(tmp_path):
-    probes = pytest.importorskip("residtap.probes", reason="residtap.probes not importable")
+    from residtap import probes
+
     model = tiny_model("llama", layers=4)
     g = torch.Generator().manual_seed(0)
     probe = probes.Probe("logistic", torch.randn(1, D, generator=g), torch.zeros(1),
@@ -356,7 +371,7 @@ def test_trained_probe_objects_and_probe_files(tmp_path):
     bank = ProbeBank().add_probe(probe, name="mem").add_file(path, name="file")
     ids, mask = left_padded(PROMPTS)
     with torch.no_grad(), residtap.capture(model, ["layers.2"], positions="last") as acts, \
-            bank.attach(model, positions="prompt_last") as run:
+            bank.attach(model, positions="last") as run:
         model(input_ids=ids, attention_mask=mask)
     want = probe.scores(acts["layers.2"])
     assert torch.allclose(run.results()["mem"][:, 0, 0], want, atol=1e-5)
@@ -417,11 +432,11 @@ def test_probes_recorded_model_is_checked_at_attach(tmp_path):
     ids, mask = left_padded(PROMPTS)
     for bank in banks:
         with pytest.raises(ValueError, match="probe '.*' was made on other weights"):
-            bank.attach(other, positions="prompt_last")
-        with torch.no_grad(), bank.attach(model, positions="prompt_last") as run:
+            bank.attach(other, positions="last")
+        with torch.no_grad(), bank.attach(model, positions="last") as run:
             model(input_ids=ids, attention_mask=mask)
         assert run.results().scores.shape == (3, 1, 1)
-    with torch.no_grad(), banks[0].attach(other, positions="prompt_last",
+    with torch.no_grad(), banks[0].attach(other, positions="last",
                                           allow_other_weights=True) as run:
         other(input_ids=ids, attention_mask=mask)
     small = tiny_model("llama", layers=4, d=16)
@@ -429,16 +444,21 @@ def test_probes_recorded_model_is_checked_at_attach(tmp_path):
         banks[1].attach(small)
 
 
-@pytest.mark.parametrize("positions", ["prompt_last", "generated"])
-def test_an_all_padding_row_is_refused_like_capture_last(positions):
+@pytest.mark.parametrize("positions", ["last", "generated"])
+def test_an_all_padding_row_is_never_scored_and_capture_last_refuses_it(positions):
     """Before: the bank read a pad position and marked it valid with a score, while capture's
-    positions='last' read position 0. Both refuse it now, naming the row."""
+    positions='last' read position 0. Now the bank marks the row's slot not valid (as under
+    torch.compile, and without a host read), and capture's 'last' refuses it, naming the row."""
     model, bank = tiny_model("llama", layers=4), make_bank()
     ids, mask = left_padded(PROMPTS)
     mask[1] = 0  # row 1: nothing but padding
-    with pytest.raises(ValueError, match="row 1 of the batch has no real token"), \
-            torch.no_grad(), bank.attach(model, positions=positions, max_tokens=2):
+    with torch.no_grad(), bank.attach(model, positions=positions, max_tokens=2,
+                                      aggregate="max") as run:
         model(input_ids=ids, attention_mask=mask)
+    got = run.results()
+    assert got.valid[:, 0].tolist() == [True, False, True]
+    assert torch.isinf(got.aggregates["max"][1]).all()  # nothing aggregated for the empty row
+    assert got.rows()[1]["a"].numel() == 0
     with torch.no_grad(), residtap.capture(model, ["layers.1"], positions="last") as acts:
         model(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match="row 1 has no real token"):
@@ -463,7 +483,7 @@ def test_under_compile_an_all_padding_row_is_marked_not_valid():
     try:
         dynamo.reset()
         with torch.no_grad(), bank.attach(model, batch_size=3, max_tokens=1,
-                                          positions="prompt_last", aggregate="max") as run:
+                                          positions="last", aggregate="max") as run:
             torch.compile(forward, fullgraph=True, backend="aot_eager")(ids, mask)
             got = run.results()
     finally:

@@ -49,17 +49,11 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 # KL is a difference of two nearly equal float32 sums, so it carries more rounding (1e-4 / 5e-3).
 KL_TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
 PROMPTS = [[5, 9, 13, 22, 40, 7], [8, 31], [11, 12, 60, 4]]  # different lengths: left padding
-RUN_SYNC = ("bank_run._begin checks at each prefill that every row has a real token with "
-            "bool(has_real.all()) (commit 37688bd): one host sync per generate call")
 STALE_GRAPH = ("the engine refuses a compiled model while torch._dynamo.config."
                "skip_nnmodule_hook_guards is True (f38bd76) only when model.forward itself is "
                "compiled or model.compile() was called; a forward that calls a compiled function "
                "for decode steps (transformers' generate keeps torch.compile(model.__call__) in "
                "model._compiled_call) is not recognised, and its graph runs without the taps")
-MOVING_SLOT = ("the bank's compiled readout indexes its buffers with a tensor made fresh at each "
-               "decode step (bank_run._begin: torch.arange for the slot, one of `defer` ring "
-               "tensors when deferred); dynamo marks it a static input, so CUDA graph trees "
-               "re-record whenever its address changes")
 
 
 # -- models and inputs ------------------------------------------------------------------------
@@ -333,8 +327,7 @@ def test_decode_loop_with_a_bank_makes_no_host_sync(device, cache, attach):
         assert run.results().valid[:, :11].all()
 
 
-@pytest.mark.parametrize("forwards", [
-    "decode steps", pytest.param("all", marks=pytest.mark.xfail(strict=True, reason=RUN_SYNC))])
+@pytest.mark.parametrize("forwards", ["decode steps", "all"])
 @pytest.mark.parametrize("defer", [0, 3])
 @pytest.mark.parametrize("device", DEVICES)
 def test_generate_with_a_bank_makes_no_host_sync_in_residtap(device, defer, forwards):
@@ -454,9 +447,7 @@ def test_compiled_decode_equals_eager_without_graph_breaks(device, attach):
         assert_close(got_scores.aggregates["ema"], eager_scores.aggregates["ema"], 1e-4, "ema")
 
 
-@pytest.mark.parametrize("attach", ["none", "steering", *[
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=MOVING_SLOT))
-    for a in ("bank", "bank-deferred")]])
+@pytest.mark.parametrize("attach", ["none", "steering", "bank", "bank-deferred"])
 def test_compiled_decode_static_inputs_keep_their_addresses(attach):
     """CUDA graph replay needs every static input of the compiled step at the address it was
     recorded with (else CUDA graph trees record the step again). Checked on the CPU through

@@ -5,28 +5,32 @@
         model.generate(**batch, max_new_tokens=64)
     run.results()["refusal"]                                     # (B, 64, C): one per new token
 
-Design (see docs in the project's issue 6):
+Design:
 - All probes reading one site are packed into one weight (P_site, d) and bias (P_site,); a
-  forward costs one `F.linear` per site plus one `index_copy_` into a preallocated score
-  buffer (B, T_max, P_total). There is no Python work per probe.
+  forward costs one `F.linear` per site plus one write into a preallocated score buffer
+  (B, T_max, P_total). There is no Python work per probe (bank_layout.py).
 - Nothing in the forward synchronises with the device. The slots a forward fills come from
   Python ints the engine derives from shapes (`step.past`, `step.length`), worked out once per
-  forward in a pre-hook on the model's root; the readout at each site writes at a device slot
-  index, so a compiled `model.forward` does not recompile per decode step (bank_run.py). Masks,
-  aggregates and early-exit state are device tensors updated with tensor ops. The instrumented
-  forward compiles with `torch.compile(fullgraph=True)`.
+  forward by the slot planner, which the engine calls before the forward (bank_slots.py); the
+  readout at each site writes at a device slot index, so a compiled `model.forward` does not
+  recompile per decode step (bank_run.py). Masks, aggregates and early-exit state are device
+  tensors updated with tensor ops. The instrumented forward compiles with
+  `torch.compile(fullgraph=True)`.
 - Buffers have fixed addresses for the life of the attachment (CUDA-graph friendly); each new
   run (a forward without KV cache: a plain forward or a generate's prefill) starts over at slot 0.
-- This file holds the bank and its packing; bank_run.py the attached run and its results.
+- This file holds the bank; bank_layout.py the packing; bank_run.py the attached run and its
+  results, made of the slot planner (bank_slots.py), the aggregates (bank_aggregates.py) and
+  the deferred readout (bank_deferred.py).
 
-Positions ("which tokens get a score"):
-    "generated"    slot k is read at the forward that picks new token k: the prompt's last real
-                   token for k = 0, then the token fed at decode step k. (B, max_new_tokens, P)
-    "prompt_last"  the prompt's last real token only. (B, 1, P)
-    "prompt"       every prompt position, pads included (marked invalid). (B, T_prompt, P)
-    "all"          every position fed: prompt then each decode step. (B, T_prompt + new - 1, P)
-A row with no real token has no last token: "generated" and "prompt_last" refuse it (see
-bank_run.py).
+Positions ("which tokens get a score", the words of residtap.positions):
+    "generated"  slot k is read at the forward that picks new token k: the prompt's last real
+                 token for k = 0, then the token fed at decode step k. (B, max_new_tokens, P)
+    "last"       the prompt's last real token only ("prompt_last", its former name, still
+                 works). (B, 1, P)
+    "prompt"     every prompt position, pads included (marked invalid). (B, T_prompt, P)
+    "all"        every position fed: prompt then each decode step. (B, T_prompt + new - 1, P)
+A row with no real token has no last token: in "generated" and "last" its slot 0 is marked not
+valid (see bank_slots.py).
 
 Model identity: a probe that records the model it was trained on (a trained Probe, a probe file)
 is checked at `attach` against the model it is attached to, config and weights fingerprint
@@ -44,7 +48,6 @@ import logging
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from residtap.identity import check_same_model
+from residtap.probes.bank_layout import BankProbe, Layout, pack_probes
 from residtap.probes.bank_run import (
     AGGREGATES,
     POSITION_MODES,
@@ -60,37 +64,12 @@ from residtap.probes.bank_run import (
     BankRun,
     ProbeResults,
 )
-from residtap.sites import Arch, Site, resolve_site
+from residtap.sites import Arch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AGGREGATES", "POSITION_MODES", "Aggregate", "BankPositions", "BankProbe",
            "BankRun", "ProbeBank", "ProbeResults"]
-
-
-@dataclass
-class BankProbe:
-    """One probe of a bank: `scores = h @ weight.T + bias`, C = len(weight) columns."""
-
-    name: str
-    site: str
-    weight: Tensor  # (C, d)
-    bias: Tensor  # (C,)
-    classes: list[Any] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] | None = None  # identity of the model it was trained on, if known
-
-    @property
-    def columns(self) -> list[str]:
-        """Column names in the score buffer: the probe name, or 'name:class' per class."""
-        if self.weight.shape[0] == 1:
-            return [self.name]
-        labels = (
-            self.classes
-            if len(self.classes) == self.weight.shape[0]
-            else range(self.weight.shape[0])
-        )
-        return [f"{self.name}:{c}" for c in labels]
 
 
 class ProbeBank:
@@ -104,7 +83,7 @@ class ProbeBank:
 
     def __init__(self, probes: Iterable[BankProbe] = ()) -> None:
         self.probes: list[BankProbe] = []
-        self._layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Layout]] = (
+        self._layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Layout]] = (
             weakref.WeakKeyDictionary())
         for p in probes:
             self._append(p)
@@ -202,7 +181,7 @@ class ProbeBank:
         return self.add(name, probe.weight, probe.bias, site=site, classes=classes, metadata=meta,
                         model=identity if isinstance(identity, dict) else None)
 
-    def layout(self, model: nn.Module, arch: Arch | None = None) -> _Layout:
+    def layout(self, model: nn.Module, arch: Arch | None = None) -> Layout:
         """The probes packed per resolved site for `model` (cached until the bank changes):
         (packs, column names, {probe: its columns}, device). Columns run site by site."""
         param = next(model.parameters(), None)
@@ -212,43 +191,8 @@ class ProbeBank:
         per_model = self._layouts.setdefault(model, {})
         if key not in per_model:
             per_model.clear()
-            per_model[key] = self._pack(model, arch, device, wdtype)
+            per_model[key] = pack_probes(model, self.probes, arch, device, wdtype)
         return per_model[key]
-
-    def _pack(self, model: nn.Module, arch: Arch | None, device: torch.device,
-              wdtype: torch.dtype) -> _Layout:
-        groups: dict[Site, list[BankProbe]] = {}
-        resolved: dict[str, Site] = {}
-        for p in self.probes:
-            if p.site not in resolved:  # LookupError names close matches
-                resolved[p.site] = resolve_site(model, p.site, arch)
-            groups.setdefault(resolved[p.site], []).append(p)
-        packs: list[_Pack] = []
-        names: list[str] = []
-        probe_columns: dict[str, list[int]] = {}
-        for site, members in groups.items():
-            widths = {p.name: int(p.weight.shape[1]) for p in members}
-            expected = _site_width(model, site)
-            for name, d in widths.items():
-                if expected is not None and d != expected:
-                    raise ValueError(
-                        f"probe {name!r} has d_model={d} but site {site.name!r} of "
-                        f"{type(model).__name__} is {expected} wide; use a probe trained on "
-                        "this model's activations at that site")
-            if len(set(widths.values())) > 1:
-                raise ValueError(f"probes at site {site.name!r} disagree on d_model: {widths}; "
-                                 "every probe at one site must have the site's width")
-            start = len(names)
-            for p in members:
-                cols = p.columns
-                probe_columns[p.name] = list(range(len(names), len(names) + len(cols)))
-                names += cols
-            weight = torch.cat([p.weight for p in members]).to(device, wdtype)  # (P_site, d)
-            bias = torch.cat([p.bias for p in members]).to(device, wdtype)  # (P_site,)
-            packs.append(_Pack(site, weight, bias, start, len(names)))
-        log.info("packed %d probes into %d site matrices (%d columns)", len(self.probes),
-                 len(packs), len(names))
-        return packs, names, probe_columns, device
 
     def add_file(self, path: str | os.PathLike[str], name: str | None = None, *,
                  model: nn.Module | None = None, allow_other_weights: bool = False
@@ -293,19 +237,25 @@ class ProbeBank:
         batch_size / max_tokens size the score buffer (B, max_tokens, P_total); pass both to
         allocate it now (needed under torch.compile or CUDA graphs), otherwise it is allocated at
         the first forward (batch from the input, max_tokens = the prompt length for the prompt
-        modes). max_tokens counts slots: max_new_tokens for "generated", 1 for "prompt_last".
+        modes). max_tokens counts slots: max_new_tokens for "generated", 1 for "last".
         timed: accumulate wall time spent in the bank's own tap code (`run.tap_seconds`).
         defer: stage up to this many one-token decode steps and read them with one matmul per
         site (see bank_run.py); scores are the same, read through results(), aggregate(),
         early exit or the streamer (or run.scores after run.flush()). 0: read every forward.
         Each probe's recorded model must be `model` (config and weights fingerprint);
         allow_other_weights=True accepts probes made on another checkpoint of its config."""
+        if len(self) == 0:
+            raise ValueError(
+                "the probe bank is empty; add probes with bank.add(name, weight, "
+                "bias, site=...) before attaching it"
+            )
         for p in self.probes:
             if p.model is not None and p.model.get("config_hash"):
                 check_same_model(p.model, model, f"probe {p.name!r}",
                                  allow_other_weights=allow_other_weights)
         return BankRun(
-            self,
+            self.layout(model, arch),
+            {p.name: p.labels for p in self.probes},
             model,
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -317,26 +267,3 @@ class ProbeBank:
             arch=arch,
             defer=defer,
         )
-
-
-def _site_width(model: nn.Module, site: Site) -> int | None:
-    """The feature width a canonical site produces, when the config says; None: unknown."""
-    config = getattr(model, "config", None)
-    if site.name == "logits":
-        return getattr(config, "vocab_size", None)
-    canonical = site.name in ("embed", "norm") or site.name.startswith("layers.")
-    return getattr(config, "hidden_size", None) if canonical else None
-
-
-@dataclass
-class _Pack:
-    """The probes of one site, packed: scores[..., start:stop] = F.linear(h, weight, bias)."""
-
-    site: Site
-    weight: Tensor  # (P_site, d), model dtype and device
-    bias: Tensor  # (P_site,)
-    start: int
-    stop: int
-
-
-_Layout = tuple[list[_Pack], list[str], dict[str, list[int]], torch.device]

@@ -24,19 +24,41 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import StoppingCriteria
 
-if TYPE_CHECKING:
-    from residtap.probes.bank import BankRun, ProbeBank
-
 log = logging.getLogger(__name__)
 
 Direction = Literal["above", "below", "either"]
+
+
+class ScoredRun(Protocol):
+    """What early exit and streaming read of an attached bank (a bank_run.BankRun): its score
+    buffers and their bookkeeping. Named here, so this module imports no bank module."""
+
+    positions: str
+    names: list[str]
+    max_tokens: int | None
+    scores: Tensor | None  # (B, max_tokens, P)
+    valid: Tensor | None  # (B, max_tokens) bool
+    active: Tensor | None  # (B,) bool, cleared here for rows that stop
+    filled: int  # slots written in this run
+    run_id: int
+
+    def flush(self) -> None: ...
+
+    def column(self, name: str, cls: Any = None) -> int: ...
+
+
+class Attachable(Protocol):
+    """A probe bank (residtap.probes.bank.ProbeBank), as early_exit_curve uses it."""
+
+    def attach(self, model: nn.Module, **kwargs: Any) -> AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -72,7 +94,7 @@ class EarlyExit(StoppingCriteria):
 
     def __init__(
         self,
-        run: BankRun,
+        run: ScoredRun,
         probe: str,
         threshold: float,
         *,
@@ -152,7 +174,7 @@ class ScoreStream(StoppingCriteria):
     """Delivers new scores to `callback(StepScores)` after every generated token; never stops
     a row. Made by `BankRun.streamer(callback)`; `push()` also works after plain forwards."""
 
-    def __init__(self, run: BankRun, callback: Callable[[StepScores], None]) -> None:
+    def __init__(self, run: ScoredRun, callback: Callable[[StepScores], None]) -> None:
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self.run, self.callback = run, callback
@@ -253,7 +275,7 @@ def early_exit_curve(
     tokenizer: Any,
     prompts: Sequence[str],
     labels: Sequence[str],
-    bank: ProbeBank,
+    bank: Attachable,
     probe: str,
     thresholds: Sequence[float],
     *,
