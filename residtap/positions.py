@@ -84,10 +84,7 @@ def check_positions(
                           DeprecationWarning, stacklevel=stacklevel)
             return new
         if positions not in words:
-            raise ValueError(
-                f"{what} must be one of {expected}; got the string {positions!r}"
-                + (f" (did you mean {ALIASES.get(positions)!r}?)" if positions in ALIASES else "")
-            )
+            raise ValueError(f"{what} must be one of {expected}; got the string {positions!r}")
         return positions
     if isinstance(positions, Tensor):
         if mask and positions.dtype == torch.bool and positions.dim() == 2:

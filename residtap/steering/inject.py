@@ -18,11 +18,13 @@ row b gets vectors[vector_index[b]] at strengths[b]. Several vectors per row is 
 Rows whose strengths are all 0, and positions outside the policy, are left untouched, bit for
 bit: the tap writes them back unchanged (`torch.where`), so no 0 * v term is ever added.
 
-positions (counted in each row's real tokens from its first one, so left padding shifts nothing):
+positions (the words of residtap.positions, checked there; counted in each row's real tokens
+from its first one, so left padding shifts nothing):
     "all"        every position of every forward (pads too: no real token attends to them)
     "prompt"     the first forward of a sequence only (the prompt, under generate's KV cache)
-    "generated"  the decode steps only: the tokens generate feeds back (the first new token
-                 comes from the unsteered prompt)
+    "generated"  the decode steps only: the tokens generate feeds back. A writer leaves the
+                 state the first new token came from alone, so that token is the unsteered
+                 prompt's (residtap.positions says why; -1 includes it)
     i >= 0       every token at index >= i (BOS, if any, is index 0)
     i < 0        from the prompt's i-th last token on: -1 steers the last prompt token and
                  everything generated (CAA's "after the prompt")
@@ -42,12 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from residtap.engine import Step, TapBlock
+from residtap.positions import check_positions, real_index
 from residtap.sites import Arch, Site, resolve_site
 from residtap.steering.vector import SteeringVector, check_model
 
 log = logging.getLogger(__name__)
 
 PositionPolicy = Literal["all", "prompt", "generated"] | int
+POSITION_WORDS: tuple[str, ...] = ("all", "prompt", "generated")  # and an int: from there on
 StrengthSpec = float | int | Tensor
 Strengths = StrengthSpec | Sequence[StrengthSpec]
 
@@ -109,19 +113,11 @@ class _SiteTap:
             return step.index > 0
         if policy < 0 and step.index > 0:
             return True  # a decode step feeds only generated tokens, all after the prompt
-        index = _real_index(step, B, T, device)  # (B, T)
+        index = real_index(step.attention_mask, step.past, B, T, device)  # (B, T)
         if policy >= 0:
             return index >= policy
         n_prompt = index[:, -1:] + 1  # (B, 1): this is the prompt's forward, its last is real
         return index >= n_prompt + policy
-
-
-def _real_index(step: Step, B: int, T: int, device: torch.device) -> Tensor:
-    """(B, T): each position's index among its row's real tokens (pads repeat a neighbour's)."""
-    if step.attention_mask is None:
-        return (step.past + torch.arange(T, device=device)).expand(B, T)
-    seen = step.attention_mask.to(device).cumsum(dim=1)[:, -T:]  # real tokens up to each pos
-    return seen - 1
 
 
 class Steering(TapBlock):
@@ -138,7 +134,7 @@ class Steering(TapBlock):
         arch: Arch | None = None,
     ) -> None:
         self.vectors = _as_vector_list(vectors)
-        _check_positions(positions)
+        check_positions(positions, words=POSITION_WORDS, indices="start", mask=False)
         for vec in self.vectors:
             check_model(vec, model)
         sites = [resolve_site(model, vec.site, arch) for vec in self.vectors]
@@ -186,16 +182,6 @@ def _as_vector_list(vectors: object) -> list[SteeringVector]:
     if bad:
         raise TypeError(f"expected SteeringVector items, got {bad[0]}")
     return items
-
-
-def _check_positions(positions: object) -> None:
-    if isinstance(positions, bool) or not (
-        positions in ("all", "prompt", "generated") or isinstance(positions, int)
-    ):
-        raise ValueError(
-            f"positions must be 'all', 'prompt', 'generated' or an int token index, got "
-            f"{positions!r}"
-        )
 
 
 def coefficient_matrix(
