@@ -19,7 +19,6 @@ token-id sequences of --seq tokens (no padding). Measured:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import resource
@@ -36,10 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from residtap.store import writer as writer_mod  # noqa: E402
+from residtap.store.batches import encode  # noqa: E402
+from residtap.store.data import load_samples  # noqa: E402
+from residtap.store.extract import extract  # noqa: E402
+from residtap.store.forward import StoreTap  # noqa: E402
 from residtap.store.reader import Store  # noqa: E402
-
-# The module, not the function residtap.store re-exports under the same name.
-extract_mod = importlib.import_module("residtap.store.extract")
 
 
 def build_model():
@@ -59,10 +59,10 @@ def make_data(n: int, seq: int) -> list[list[int]]:
 
 def hookless(model, data, batch_size: int) -> None:
     """The same loop extract runs (encode, pad, position ids), without taps or writes."""
-    samples = extract_mod.load_samples(data)
+    samples = load_samples(data)
     with torch.inference_mode():
         for lo in range(0, len(samples), batch_size):
-            ids, mask = extract_mod._encode(samples[lo:lo + batch_size], None, 0, "right", None)
+            ids, mask = encode(samples[lo:lo + batch_size], None, 0, "right", None)
             model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1),
                   use_cache=False)
 
@@ -71,8 +71,8 @@ def capture(model, data, batch_size: int, out: Path, positions: str,
             shard_rows: int | None = None) -> Store:
     """extract() into a fresh `out`; call `clear(out)` first (outside any timed region)."""
     sites = [f"layers.{i}" for i in range(8)]
-    return extract_mod.extract(model, None, data, sites, out, positions=positions,
-                               batch_size=batch_size, shard_rows=shard_rows, progress=False)
+    return extract(model, None, data, sites, out, positions=positions,
+                   batch_size=batch_size, shard_rows=shard_rows, progress=False)
 
 
 def clear(out: Path) -> None:
@@ -118,7 +118,7 @@ def bench_ratio(model, data, args, work: Path) -> dict:
 # -- 2. time inside the taps ----------------------------------------------------------------------
 def bench_taps(model, data, args, work: Path) -> dict:
     tap_s, wait_s, forwards = [0.0], [0.0], len(range(0, len(data), args.batch_size))
-    call, put = extract_mod._StoreTap.__call__, writer_mod.ShardWriter._put
+    call, put = StoreTap.__call__, writer_mod.ShardWriter._put
 
     def timed_call(self, hidden, step):
         t0 = time.perf_counter()
@@ -130,12 +130,12 @@ def bench_taps(model, data, args, work: Path) -> dict:
         put(self, item)
         wait_s[0] += time.perf_counter() - t0
 
-    extract_mod._StoreTap.__call__, writer_mod.ShardWriter._put = timed_call, timed_put
+    StoreTap.__call__, writer_mod.ShardWriter._put = timed_call, timed_put
     try:
         total = timed(lambda: capture(model, data, args.batch_size, work / "taps", "all"),
                       lambda: clear(work / "taps"))
     finally:
-        extract_mod._StoreTap.__call__, writer_mod.ShardWriter._put = call, put
+        StoreTap.__call__, writer_mod.ShardWriter._put = call, put
     return {"forwards": forwards, "tap_ms_per_forward": 1e3 * tap_s[0] / forwards,
             "queue_wait_ms_per_forward": 1e3 * wait_s[0] / forwards,
             "total_ms_per_forward": 1e3 * total / forwards}
