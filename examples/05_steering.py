@@ -14,6 +14,7 @@ from pathlib import Path
 import residtap
 from residtap import organism
 from residtap.steering import compare_generations
+from residtap.steering.plot import save_steerability_plot
 
 OUT = Path(os.environ.get("RESIDTAP_EXAMPLES_OUT") or tempfile.mkdtemp(prefix="residtap-ex-"))
 OUT = OUT / "05_steering"
@@ -44,7 +45,7 @@ stats = result.summary()
 v, r = stats["vector"], stats["random_baseline"]
 print(f"slope per unit strength: vector {v['mean']:.2f} ({100 * v['wrong_way']:.0f}% wrong way),"
       f" random direction {r['mean']:.2f}")
-png = result.save_plot(OUT / "steering.png", OUT / "steering.html")[0]
+png = save_steerability_plot(result, OUT / "steering.png", OUT / "steering.html")[0]
 print("wrote", png.name)
 
 # %% Steered generations side by side: strength -1 (negative), 0 (unsteered), +1 (positive).

@@ -15,7 +15,8 @@ import residtap
 from residtap.cli import main
 from residtap.engine import count_hooks
 from residtap.steering import SteeringVector, compare_generations, steer, steerability
-from residtap.steering.vector import _pca_direction
+from residtap.steering.contrast import pca_direction
+from residtap.steering.plot import save_steerability_plot
 
 ORGANISM_MODEL = Path(residtap.__file__).parent / "organism" / "model" / "config.json"
 
@@ -79,10 +80,10 @@ def test_pca_direction_is_the_shared_shift_and_sign_aligned(llama):
     g = torch.Generator().manual_seed(0)
     shift = torch.randn(16, generator=g)
     diffs = shift + 0.05 * torch.randn(50, 16, generator=g)
-    got = _pca_direction(diffs, diffs.mean(0))
+    got = pca_direction(diffs, diffs.mean(0))
     assert torch.cosine_similarity(got, shift, dim=0) > 0.99
     assert abs(got.norm() - shift.norm()) / shift.norm() < 0.05
-    got_neg = _pca_direction(-diffs, -diffs.mean(0))  # sign follows the mean difference
+    got_neg = pca_direction(-diffs, -diffs.mean(0))  # sign follows the mean difference
     assert torch.cosine_similarity(got_neg, -shift, dim=0) > 0.99
     pca = SteeringVector.from_pairs(llama, TOK, POSITIVE, NEGATIVE, site="layers.2", method="pca")
     mean = SteeringVector.from_pairs(llama, TOK, POSITIVE, NEGATIVE, site="layers.2")
@@ -364,13 +365,11 @@ def test_steerability_shared_prefix_equals_full_forwards(llama):
 def test_plot_png_and_self_contained_html(llama, tmp_path):
     vec = random_vector(llama, "layers.2", 5)
     res = steerability(llama, TOK, AB_ROWS[:2], vec, [-1.0, 0.0, 1.0])
-    png, html = res.save_plot(tmp_path / "s.png", tmp_path / "s.html")
+    png, html = save_steerability_plot(res, tmp_path / "s.png", tmp_path / "s.html")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = html.read_text()
     assert "data:image/png;base64," in page and "<script src" not in page and "http" not in page
     assert "Shaded bands: the middle half of the examples" in page  # the plot explained
-    from residtap.steering.plot import save_steerability_plot
-
     linked = save_steerability_plot(res, html=tmp_path / "side" / "s.html", back="../r.html")
     assert '<nav><a href="../r.html">' in linked[0].read_text()
 

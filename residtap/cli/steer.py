@@ -192,6 +192,7 @@ def _int(text: str) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from residtap.steering import DEFAULT_STRENGTHS, SteeringVector, steerability
+    from residtap.steering.plot import save_steerability_plot
 
     positions = _positions(args.positions)
     check_out(args.plot, "file", "--plot")
@@ -205,8 +206,8 @@ def run_eval(args: argparse.Namespace) -> int:
                           seed=args.seed, batch_size=args.batch_size, progress=progress(args))
     written = []
     if args.plot or args.html:
-        written = [str(p) for p in result.save_plot(args.plot and Path(args.plot),
-                                                     args.html and Path(args.html))]
+        written = [str(p) for p in save_steerability_plot(
+            result, args.plot and Path(args.plot), args.html and Path(args.html))]
     summary = result.summary()
     if args.json:
         emit_json({**result.to_dict(), "files": written})

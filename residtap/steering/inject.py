@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from residtap.engine import Step, TapBlock
 from residtap.positions import check_positions, real_index
 from residtap.sites import Arch, Site, resolve_site
-from residtap.steering.vector import SteeringVector, check_model
+from residtap.steering.direction import Direction, check_model
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Steering(TapBlock):
     def __init__(
         self,
         model: nn.Module,
-        vectors: SteeringVector | Sequence[SteeringVector],
+        vectors: Direction | Sequence[Direction],
         strengths: Strengths = 1.0,
         *,
         positions: PositionPolicy = "all",
@@ -155,7 +155,7 @@ class Steering(TapBlock):
 
 def steer(
     model: nn.Module,
-    vectors: SteeringVector | Sequence[SteeringVector],
+    vectors: Direction | Sequence[Direction],
     strengths: Strengths = 1.0,
     *,
     positions: PositionPolicy = "all",
@@ -168,8 +168,8 @@ def steer(
                     arch=arch)
 
 
-def _as_vector_list(vectors: object) -> list[SteeringVector]:
-    items = [vectors] if isinstance(vectors, SteeringVector) else vectors
+def _as_vector_list(vectors: object) -> list[Direction]:
+    items = [vectors] if isinstance(vectors, Direction) else vectors
     if not isinstance(items, Sequence) or isinstance(items, (str, Tensor)):
         raise TypeError(
             f"expected a SteeringVector or a list of them, got {type(vectors).__name__}; wrap a "
@@ -178,7 +178,7 @@ def _as_vector_list(vectors: object) -> list[SteeringVector]:
     items = list(items)
     if not items:
         raise ValueError("no steering vectors given; pass at least one SteeringVector")
-    bad = [type(v).__name__ for v in items if not isinstance(v, SteeringVector)]
+    bad = [type(v).__name__ for v in items if not isinstance(v, Direction)]
     if bad:
         raise TypeError(f"expected SteeringVector items, got {bad[0]}")
     return items

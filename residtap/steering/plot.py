@@ -1,5 +1,10 @@
 """Propensity-against-strength plots of a steerability sweep (matplotlib, imported lazily).
 
+    save_steerability_plot(result, "sweep.png", "sweep.html")   # result: residtap.steerability
+
+The sweep (residtap.steering.steerability) returns data; the command line and the demo call this
+module to draw it.
+
 The PNG shows thin lines for individual examples, the mean and the interquartile band for the
 vector, and the same for the random baseline; with strength 0 in the sweep each example is
 drawn relative to its unsteered propensity, so the lines fan out by their slopes. `reading`
@@ -17,6 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from residtap.report.page import back_link
+from residtap.report.plots import pyplot
 
 if TYPE_CHECKING:
     from residtap.steering.steerability import SteerabilityResult
@@ -68,46 +76,42 @@ def save_steerability_plot(
 
 
 def _render_png(result: SteerabilityResult, title: str) -> bytes:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(
-            "plots need matplotlib, which is not installed; pip install 'residtap[plots]'"
-        ) from err
+    plt = pyplot()
     x, zero = result.strengths, _unsteered(result)
 
     def shifted(prop: Tensor) -> Tensor:  # (N, S): relative to each example's unsteered value
         return prop if zero is None else prop - prop[:, zero : zero + 1]
 
-    fig = Figure(figsize=(6.4, 4.4), dpi=110)
-    ax = fig.add_subplot()
-    for row in shifted(result.propensity)[:MAX_EXAMPLE_LINES]:
-        ax.plot(x, row.tolist(), color="tab:blue", alpha=0.12, linewidth=0.8)
-    curves = [("steering vector", shifted(result.propensity), "tab:blue")]
-    if result.baseline is not None:
-        curves.append(("random direction, same norm", shifted(result.baseline), "tab:gray"))
-    for label, prop, color in curves:
-        q = torch.quantile(prop.double(), torch.tensor([0.25, 0.75], dtype=torch.float64), dim=0)
-        ax.fill_between(x, q[0].tolist(), q[1].tolist(), color=color, alpha=0.2,
-                        label=f"{label}: middle 50% of examples")
-        ax.plot(x, prop.mean(dim=0).tolist(), color=color, linewidth=2, marker="o",
-                label=f"{label}: mean")
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xlabel("steering strength")
-    ax.set_ylabel("change in propensity from strength 0" if zero is not None else
-                  "propensity: logit(matching) - logit(other)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    try:
+        for row in shifted(result.propensity)[:MAX_EXAMPLE_LINES]:
+            ax.plot(x, row.tolist(), color="tab:blue", alpha=0.12, linewidth=0.8)
+        curves = [("steering vector", shifted(result.propensity), "tab:blue")]
+        if result.baseline is not None:
+            curves.append(("random direction, same norm", shifted(result.baseline), "tab:gray"))
+        for label, prop, color in curves:
+            q = torch.quantile(prop.double(), torch.tensor([0.25, 0.75], dtype=torch.float64),
+                               dim=0)
+            ax.fill_between(x, q[0].tolist(), q[1].tolist(), color=color, alpha=0.2,
+                            label=f"{label}: middle 50% of examples")
+            ax.plot(x, prop.mean(dim=0).tolist(), color=color, linewidth=2, marker="o",
+                    label=f"{label}: mean")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xlabel("steering strength")
+        ax.set_ylabel("change in propensity from strength 0" if zero is not None else
+                      "propensity: logit(matching) - logit(other)")
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
     return buf.getvalue()
 
 
 def _html_page(result: SteerabilityResult, image: bytes, title: str | None,
                back: str | None = None) -> str:
-    from residtap.report.page import back_link
-
     summary = result.summary()
     rows = []
     for name in ("vector", "random_baseline"):

@@ -2,13 +2,12 @@
 
     result = steerability(model, tok, ab_rows, vec, strengths=[-1.5, -1, -0.5, 0, 0.5, 1, 1.5])
     result.summary()["vector"]["mean"]       # mean per-example slope
-    result.save_plot("sweep.png", "sweep.html")
+    save_steerability_plot(result, "sweep.png", "sweep.html")   # residtap.steering.plot
 
 Data rows are CAA-style A/B items: {"question", "answer_matching_behavior",
-"answer_not_matching_behavior"}. Each answer is appended to the question and tokenised; the
-tokens the two share form the prompt, and the first token where they differ is each answer's
-token (so " (A)" / " (B)" compare "A" with "B" after " ("). The propensity of a row is
-logit(matching token) - logit(other token) at the prompt's last position, in float32.
+"answer_not_matching_behavior"}, tokenised by residtap.steering.ab (a shared prompt, and each
+answer's first own token). The propensity of a row is logit(matching token) - logit(other
+token) at the prompt's last position, in float32.
 
 The sweep runs every (example, strength) pair, and the same for a random direction of equal norm
 (the baseline), as rows of the same batches: each row carries its own vector and strength, so a
@@ -32,60 +31,20 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from residtap.steering._batch import cache_keyword, encode, forward_inputs, pad_id_of, pad_left
+from residtap.steering._batch import cache_keyword, forward_inputs, pad_id_of, pad_left
+from residtap.steering.ab import ab_items
+from residtap.steering.direction import check_model
 from residtap.steering.inject import PositionPolicy, steer
-from residtap.steering.vector import SteeringVector, check_model
+from residtap.steering.vector import SteeringVector
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTHS: tuple[float, ...] = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
-AB_KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
-
-
-@dataclass
-class ABItem:
-    """One A/B example, tokenised: the shared prompt and the two answers' first tokens."""
-
-    prompt: list[int]
-    matching: int
-    other: int
-
-
-def ab_items(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[ABItem]:
-    """Tokenise CAA-style rows (see the module docstring); ValueError names the bad row."""
-    if isinstance(rows, Mapping) or not isinstance(rows, Sequence):
-        raise TypeError(f"expected a list of A/B rows (dicts), got {type(rows).__name__}")
-    if not rows:
-        raise ValueError("no A/B rows given; expected a non-empty list with keys "
-                         + ", ".join(AB_KEYS))
-    for i, row in enumerate(rows):
-        fields = row if isinstance(row, Mapping) else {}
-        missing = [k for k in AB_KEYS if not isinstance(fields.get(k), str)]
-        if missing:
-            raise ValueError(
-                f"A/B row {i} lacks string field(s) {missing}; expected keys {list(AB_KEYS)}, "
-                f"got {sorted(row) if isinstance(row, Mapping) else type(row).__name__}"
-            )
-    texts = [r["question"] + r[k] for r in rows for k in AB_KEYS[1:]]
-    ids = encode(tokenizer, texts, "A/B texts")
-    items = []
-    for i in range(len(rows)):
-        a, b = ids[2 * i], ids[2 * i + 1]
-        k = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        if k is None or k == 0:
-            raise ValueError(
-                f"A/B row {i}: the two answers {rows[i][AB_KEYS[1]]!r} and {rows[i][AB_KEYS[2]]!r} "
-                + ("tokenise to the same tokens" if k is None else "differ at the first token, "
-                   "leaving no prompt") + "; the answers must differ after a shared prompt"
-            )
-        items.append(ABItem(a[:k], a[k], b[k]))
-    return items
 
 
 @dataclass
@@ -126,13 +85,6 @@ class SteerabilityResult:
         if self.baseline is not None:
             data["baseline_propensity"] = self.baseline.tolist()
         return data
-
-    def save_plot(self, png: str | Path | None = None, html: str | Path | None = None,
-                  title: str | None = None) -> list[Path]:
-        """Propensity against strength as a PNG and/or a self-contained HTML page."""
-        from residtap.steering.plot import save_steerability_plot
-
-        return save_steerability_plot(self, png, html, title)
 
 
 def per_example_slopes(strengths: Sequence[float], propensity: Tensor) -> Tensor:

@@ -11,47 +11,37 @@ Methods:
   at one token of each text (the last by default; an int is an index into the text's tokens,
   BOS included, negative from the end; for A/B data the answer token is the last).
 - "pca" (repeng's "pca_diff"): the first principal component of the paired differences
-  positive_i - negative_i, sign-aligned with the mean difference. The PCA is uncentred (as in
-  steering-vectors' pca aggregator): centring would subtract the shared shift that is the
-  behaviour, leaving only the pair-to-pair noise. Its length is the mean projection of the
-  differences on that direction, so strength 1 moves an activation by the average pair's
-  separation, the same scale as "mean_diff".
+  positive_i - negative_i, sign-aligned with the mean difference, uncentred, and as long as the
+  average pair's separation along it, so strength 1 is on the scale of "mean_diff"
+  (residtap.steering.contrast says why).
 `from_ab` applies CAA's recipe to A/B rows: each side is read at its answer token.
 `normalize=True` makes any vector unit length (strengths are then distances in activation units).
-
-File format (safetensors): one float32 tensor "vector" (d,) and string metadata: format
-"residtap.steering_vector", format_version "1", site, method, position, normalized, norm (the
-vector's L2 norm), model (JSON of residtap.identity.model_identity, or "null") and extra (JSON).
+The arithmetic is in residtap.steering.contrast, the file format in residtap.steering.files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from residtap.capture import capture
-from residtap.identity import check_same_model, model_identity, read_safetensors
-from residtap.sites import resolve_site
-from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
-
-if TYPE_CHECKING:
-    from residtap.sites import Arch
-    from residtap.steering.inject import PositionPolicy, Steering
+from residtap.identity import check_same_model, model_identity
+from residtap.sites import Arch, resolve_site
+from residtap.steering._batch import encode, pad_id_of
+from residtap.steering.ab import ab_items
+from residtap.steering.contrast import explained, pca_direction, read_activations, split_pairs
+from residtap.steering.direction import check_model
+from residtap.steering.files import read_vector_file, write_vector_file
+from residtap.steering.inject import PositionPolicy, Steering, steer
 
 log = logging.getLogger(__name__)
 
 Method = Literal["mean_diff", "pca"]
-FORMAT = "residtap.steering_vector"
-FORMAT_VERSION = "1"
-TENSOR_KEY = "vector"
 
 
 @dataclass
@@ -108,8 +98,6 @@ class SteeringVector:
 
         The same as `residtap.steer(model, vec, strength, positions=...)` (see it for per-row
         strengths and positions); the hook is removed when the block ends, even on an error."""
-        from residtap.steering.inject import steer
-
         return steer(model, self, strength, positions=positions, arch=arch)
 
     # -- making ----------------------------------------------------------------------------
@@ -133,7 +121,7 @@ class SteeringVector:
             SteeringVector.from_pairs(model, tok, [("i love it", "i hate it"), ...])
             SteeringVector.from_pairs(model, tok, ["i love it", ...], ["i hate it", ...])"""
         if negative is None:
-            positive, negative = _split_pairs(positive)
+            positive, negative = split_pairs(positive)
         if method not in ("mean_diff", "pca"):
             raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
         is_index = isinstance(position, int) and not isinstance(position, bool)
@@ -165,9 +153,7 @@ class SteeringVector:
     ) -> SteeringVector:
         """CAA's recipe on A/B rows ({question, answer_matching_behavior,
         answer_not_matching_behavior}): read each side at its answer token, the first token
-        where the two answers differ (the letter in " (A)" / " (B)")."""
-        from residtap.steering.steerability import ab_items
-
+        where the two answers differ (the letter in " (A)" / " (B)"; residtap.steering.ab)."""
         if method not in ("mean_diff", "pca"):
             raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
         items = ab_items(tokenizer, rows)
@@ -186,10 +172,10 @@ class SteeringVector:
         neg = read_activations(model, neg_ids, site, position, pad_id, batch_size)
         diffs = pos - neg  # (N, d)
         mean_diff = diffs.mean(dim=0)
-        vector = mean_diff if method == "mean_diff" else _pca_direction(diffs, mean_diff)
+        vector = mean_diff if method == "mean_diff" else pca_direction(diffs, mean_diff)
         extra = {"n_pairs": len(pos_ids), "mean_diff_norm": float(mean_diff.norm())}
         if method == "pca":
-            extra["explained"] = _explained(diffs, vector)
+            extra["explained"] = explained(diffs, vector)
         vec = cls(vector.float(), site, method, model_identity(model), position, False, extra)
         log.info("made %r from %d pairs", vec, len(pos_ids))
         return vec.normalized_copy() if normalize else vec
@@ -259,30 +245,13 @@ class SteeringVector:
         return SteeringVector(vector, self.site, "random", self.model, None, self.normalized,
                               {"seed": seed, "like": self.method})
 
-    # -- files -----------------------------------------------------------------------------
+    # -- files (residtap.steering.files) ---------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the vector file (missing parent folders are created); a path that cannot be
         written (a folder, a file where a folder should be, read-only) is a ValueError."""
-        from safetensors.torch import save_file
-
-        from residtap.store.checks import check_out_file
-
-        path = Path(path)
-        check_out_file(path)
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "site": self.site,
-            "method": self.method,
-            "position": json.dumps(self.position),
-            "normalized": json.dumps(self.normalized),
-            "norm": repr(self.norm),
-            "model": json.dumps(self.model, sort_keys=True, default=str),
-            "extra": json.dumps(self.extra, sort_keys=True, default=str),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({TENSOR_KEY: self.vector}, str(path), metadata=metadata)
-        return path
+        return write_vector_file(path, self.vector, {
+            "site": self.site, "method": self.method, "position": self.position,
+            "normalized": self.normalized, "model": self.model, "extra": self.extra})
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, *,
@@ -290,32 +259,9 @@ class SteeringVector:
         """Read a vector saved by `save`, checking its metadata; with `model`, raise if it was
         made on another model (config, weights fingerprint, width) or for a site the model
         lacks. allow_other_weights=True accepts another checkpoint of the same config."""
-        path = Path(path)
-        meta, tensors = read_safetensors(path, "steering vector file")
-        keys, tensor = list(tensors), tensors.get(TENSOR_KEY)
-        if meta.get("format") != FORMAT or tensor is None:
-            raise ValueError(
-                f"{path} is not a residtap steering vector (expected metadata format={FORMAT!r} "
-                f"and a tensor {TENSOR_KEY!r}; got format={meta.get('format')!r}, tensors "
-                f"{keys}); make one with SteeringVector.save or `residtap steer make`"
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has steering-vector format version {meta.get('format_version')!r}; this "
-                f"residtap reads version {FORMAT_VERSION}; upgrade residtap or re-make the vector"
-            )
-        site = meta.get("site")
-        if not isinstance(site, str) or not site:
-            raise ValueError(f"{path}: metadata 'site' is {site!r}; expected a site name such as "
-                             "'layers.3'; the file was damaged or edited, re-make the vector")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: tensor {TENSOR_KEY!r} is {tensor.dtype}, expected a float "
-                             "vector (d,); the file was damaged or edited, re-make the vector")
-        identity = _json_meta(path, meta, "model", "null", (dict, type(None)))
-        vec = cls(tensor, site, meta.get("method", "unknown"), identity,
-                  _json_meta(path, meta, "position", "null", (str, int, type(None))),
-                  _json_meta(path, meta, "normalized", "false", bool),
-                  _json_meta(path, meta, "extra", "{}", dict))
+        tensor, fields = read_vector_file(path)
+        vec = cls(tensor, fields["site"], fields["method"], fields["model"], fields["position"],
+                  fields["normalized"], fields["extra"])
         if model is not None:
             check_model(vec, model, allow_other_weights=allow_other_weights)
             try:
@@ -324,105 +270,3 @@ class SteeringVector:
                 raise ValueError(f"{path} steers site {vec.site!r}, which this model lacks "
                                  f"({err}); use a vector made on this model") from err
         return vec
-
-
-def _json_meta(path: Path, meta: dict[str, str], key: str, default: str, types) -> Any:
-    """A JSON-encoded metadata value of a steering-vector file, of the expected type."""
-    text = meta.get(key, default)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}): {text[:60]!r}; "
-                         "the file was damaged or edited, re-make the vector") from err
-    if not isinstance(value, types):
-        raise ValueError(f"{path}: metadata {key!r} is {text[:60]!r}, of the wrong type; the "
-                         "file was damaged or edited, re-make the vector")
-    return value
-
-
-def check_model(vec: SteeringVector, model: nn.Module, *,
-                allow_other_weights: bool = False) -> None:
-    """ValueError when `vec` does not fit `model` (width, or the recorded model identity:
-    config and weights fingerprint; allow_other_weights=True accepts another checkpoint)."""
-    d = getattr(getattr(model, "config", None), "hidden_size", None)
-    if isinstance(d, int) and d != vec.d_model:
-        raise ValueError(
-            f"steering vector for site {vec.site!r} has d={vec.d_model}, but "
-            f"{type(model).__name__} has hidden_size {d}; use a vector made on this model"
-        )
-    if vec.model is not None and vec.model.get("config_hash"):
-        check_same_model(vec.model, model, "the steering vector",
-                         allow_other_weights=allow_other_weights)
-
-
-def read_activations(
-    model: nn.Module,
-    ids: list[list[int]],
-    site: str,
-    position: Literal["last"] | int,
-    pad_id: int,
-    batch_size: int = 32,
-) -> Tensor:
-    """(N, d) float32 activations at `site`, one token per text; the forward stops at the site."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows: list[Tensor] = []
-    policy: Any = "last" if position == "last" else [int(position)]
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        if position != "last":
-            short = [i for i, s in enumerate(chunk) if not -len(s) <= int(position) < len(s)]
-            if short:
-                raise IndexError(
-                    f"position {position} is outside text {start + short[0]}, which has "
-                    f"{len(chunk[short[0]])} tokens; use an index every text has, or 'last'"
-                )
-        input_ids, mask = pad_left(chunk, pad_id)
-        with torch.no_grad(), capture(model, [site], positions=policy, stop_early=True) as acts:
-            model(**forward_inputs(model, input_ids, mask))
-        got = acts[resolve_site(model, site).name]  # (B, d) or (B, 1, d)
-        rows.append(got.reshape(len(chunk), -1).float().cpu())
-    return torch.cat(rows)
-
-
-def _split_pairs(pairs: Any) -> tuple[list[str], list[str]]:
-    """[(positive, negative), ...] or [{"positive", "negative"}, ...] -> (positives, negatives)."""
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise TypeError(
-            f"expected pairs as a list of (positive, negative) tuples, got "
-            f"{type(pairs).__name__}; or pass two lists: from_pairs(model, tok, positives, "
-            "negatives)"
-        )
-    positives, negatives = [], []
-    for i, pair in enumerate(pairs):
-        if isinstance(pair, dict) and {"positive", "negative"} <= pair.keys():
-            pair = (pair["positive"], pair["negative"])
-        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise ValueError(
-                f"pair {i} is {pair!r}; with one argument, give (positive, negative) tuples "
-                "(or {'positive', 'negative'} rows); for two lists of texts pass the negatives "
-                "as the next argument"
-            )
-        positives.append(pair[0])
-        negatives.append(pair[1])
-    return positives, negatives
-
-
-def _pca_direction(diffs: Tensor, mean_diff: Tensor) -> Tensor:
-    """First right singular vector of the uncentred differences, sign-aligned with mean_diff,
-    scaled to the mean projection of the differences on it."""
-    _, _, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
-    direction = vh[0].float()  # (d,), unit length
-    projection = (diffs @ direction).mean()  # scalar: the average pair's separation
-    if float(projection) < 0:
-        direction, projection = -direction, -projection
-    if math.isclose(float(projection), 0.0, abs_tol=1e-12):
-        log.warning("the first principal component is orthogonal to the mean difference")
-    return direction * projection
-
-
-def _explained(diffs: Tensor, vector: Tensor) -> float:
-    """Fraction of the differences' (uncentred) energy along the vector's direction."""
-    unit = vector / vector.norm().clamp_min(1e-12)
-    total = float((diffs.double() ** 2).sum())
-    return float(((diffs.double() @ unit.double()) ** 2).sum()) / total if total > 0 else 0.0
