@@ -6,8 +6,6 @@
     acts["layers.3"]            # (B, T, d_model), the residual stream after block 3
 """
 
-__version__ = "0.1.0"
-
 from residtap.capture import Activations, capture
 from residtap.engine import Step, StopForward, tap
 from residtap.lens import LensResult, LogitLens, TunedLens, run_lens, train_tuned_lens
@@ -15,6 +13,7 @@ from residtap.probes.bank import ProbeBank
 from residtap.sites import ARCHITECTURES, Arch, layer_sites, resolve_site, site_names
 from residtap.steering import SteerabilityResult, SteeringVector, steer, steerability
 from residtap.store import Store, extract
+from residtap.version import __version__  # noqa: F401  (one definition, in version.py)
 
 __all__ = [
     "ARCHITECTURES", "Activations", "Arch", "Step", "StopForward", "capture", "layer_sites",

@@ -28,8 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import residtap
+from residtap.lens import run_lens, train_tuned_lens
+from residtap.probes.bank import ProbeBank
 from residtap.report.page import Figure, Link, Report, Section
+from residtap.sites import layer_sites
+from residtap.steering import SteeringVector, steerability
+from residtap.store.extract import extract
+from residtap.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
     bar = tqdm(stages, desc="residtap demo", unit="stage", disable=not progress)
     summary: dict[str, Any] = {"model": inputs.name}
     report = Report(f"residtap demo — {inputs.name}",
-                    subtitle=f"torch {torch.__version__}, residtap {residtap.__version__}")
+                    subtitle=f"torch {torch.__version__}, residtap {__version__}")
     t0 = time.perf_counter()
     sweeps = {}
     for stage in bar:
@@ -102,7 +107,7 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
         elif stage == "logit lens":
             summary["lens"], section = _lens(inputs, out)
         elif stage == "steering":
-            layers = residtap.layer_sites(inputs.model)
+            layers = layer_sites(inputs.model)
             site = inputs.steer_site or layers[len(layers) // 2]
             summary["steering"], section = _steering(inputs, site, out, progress)
         else:
@@ -122,12 +127,12 @@ def _probes(inputs: DemoInputs, out: Path, max_samples: int, progress: bool):
     from residtap.report.plots import line_html, line_png
 
     model, tok = inputs.model, inputs.tokenizer
-    sites = ["embed", *residtap.layer_sites(model)]
+    sites = ["embed", *layer_sites(model)]
     sweeps = {}
     for name, path in inputs.labelled.items():
-        store = residtap.extract(model, tok, path, sites, out / f"store-{name}",
-                                 positions="last", max_samples=max_samples, overwrite=True,
-                                 progress=progress)
+        store = extract(model, tok, path, sites, out / f"store-{name}",
+                        positions="last", max_samples=max_samples, overwrite=True,
+                        progress=progress)
         sweeps[name] = sweep(store, "label", progress=False)
     series = {name: [s.score(site) for site in sites] for name, s in sweeps.items()}
     plot = dict(xlabel="site", ylabel="held-out accuracy",
@@ -182,7 +187,7 @@ def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
         return None, None
     truth = sweeps[inputs.truth]
     probe = truth.probes[truth.best_site]
-    bank = residtap.ProbeBank().add_probe(probe, name="truth")
+    bank = ProbeBank().add_probe(probe, name="truth")
     rows = [r for r in read_jsonl(inputs.early_exit) if r.get("split") == "test"]
     prompts = [" ".join(r["text"].split()[:r["filler_start"]]) for r in rows]
     labels = [r["answer"] for r in rows]
@@ -234,7 +239,7 @@ def _lens(inputs: DemoInputs, out: Path):
     if not inputs.lens_prompts:
         return None, None
     model, tok, prompts = inputs.model, inputs.tokenizer, list(inputs.lens_prompts[:1])
-    result = residtap.run_lens(model, tok, prompts, max_new_tokens=10, top_k=5)
+    result = run_lens(model, tok, prompts, max_new_tokens=10, top_k=5)
     write_files(result, out / "lens", back="../report.html")
     real = result.attention_mask[0].bool()
     kl = result.kl[:, 0][:, real].mean(dim=1)  # (L,)
@@ -249,13 +254,13 @@ def _lens(inputs: DemoInputs, out: Path):
     if inputs.labelled:  # a tuned lens, trained on every position of the first labelled set
         name, data = next(iter(inputs.labelled.items()))
         t = time.perf_counter()
-        store = residtap.extract(model, tok, data, "all-layers", out / "store-tuned-lens",
-                                 positions="all", max_samples=200, overwrite=True,
-                                 progress=False)
-        tuned = residtap.train_tuned_lens(model, store, steps=150)
+        store = extract(model, tok, data, "all-layers", out / "store-tuned-lens",
+                        positions="all", max_samples=200, overwrite=True,
+                        progress=False)
+        tuned = train_tuned_lens(model, store, steps=150)
         seconds = time.perf_counter() - t
-        tuned_result = residtap.run_lens(model, tok, prompts, max_new_tokens=10, top_k=5,
-                                         translators=tuned)
+        tuned_result = run_lens(model, tok, prompts, max_new_tokens=10, top_k=5,
+                                translators=tuned)
         tuned_kl = tuned_result.kl[:, 0][:, real].mean(dim=1)
         for row, v in zip(rows, tuned_kl, strict=True):
             row["tuned lens KL (nats)"] = round(float(v), 4)
@@ -289,10 +294,10 @@ def _steering(inputs: DemoInputs, site: str, out: Path, progress: bool):
     if inputs.pairs is None or inputs.ab is None:
         return None, None
     pairs = [(p["positive"], p["negative"]) for p in read_jsonl(inputs.pairs)]
-    vec = residtap.SteeringVector.from_pairs(inputs.model, inputs.tokenizer, pairs, site=site)
+    vec = SteeringVector.from_pairs(inputs.model, inputs.tokenizer, pairs, site=site)
     strengths = [-1.0, -0.5, 0.0, 0.5, 1.0]
-    result = residtap.steerability(inputs.model, inputs.tokenizer, read_jsonl(inputs.ab), vec,
-                                   strengths, positions=-1, progress=progress)
+    result = steerability(inputs.model, inputs.tokenizer, read_jsonl(inputs.ab), vec,
+                          strengths, positions=-1, progress=progress)
     png = save_steerability_plot(result, out / "steering" / "steering.png",
                                  out / "steering" / "steering.html", back="../report.html")[0]
     stats = result.summary()
@@ -340,11 +345,11 @@ def _cost(inputs: DemoInputs, sweeps: dict, out: Path):
     from residtap.cost import estimate_cost
 
     model, tok = inputs.model, inputs.tokenizer
-    n_layers = len(residtap.layer_sites(model))
-    bank = residtap.ProbeBank()
+    n_layers = len(layer_sites(model))
+    bank = ProbeBank()
     d = model.config.hidden_size
     gen = torch.Generator().manual_seed(0)
-    for site in residtap.layer_sites(model):  # 100 probes per layer, as a monitor would run
+    for site in layer_sites(model):  # 100 probes per layer, as a monitor would run
         bank.add(f"p-{site}", torch.randn(100, d, generator=gen), torch.zeros(100), site=site)
     prompt = list(inputs.lens_prompts[:1]) or ["hello"]
     batch = tok(prompt * 8, return_tensors="pt", padding=True)

@@ -47,7 +47,7 @@ def _version() -> str:
     import torch
     import transformers
 
-    from residtap import __version__
+    from residtap.version import __version__
 
     return (f"residtap {__version__} (torch {torch.__version__}, transformers "
             f"{transformers.__version__}, Python {sys.version.split()[0]})")

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import residtap
+from residtap.capture import capture
 from residtap.identity import model_identity
 from residtap.organism.language import Language
 from residtap.probes.metrics import auroc
@@ -70,7 +70,7 @@ def token_activations(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text
     rows, ids = [], []
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i : i + batch_size], padding=True, return_tensors="pt")
-        with residtap.capture(model, [site]) as acts:
+        with capture(model, [site]) as acts:
             model(**batch)
         rows += [seq[1:].float() for seq in acts.per_sequence(site)]  # drop <bos>
         real = batch["attention_mask"].bool()
@@ -85,7 +85,7 @@ def last_token_activations(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     out = []
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i : i + batch_size], padding=True, return_tensors="pt")
-        with residtap.capture(model, [site], positions="last") as acts:
+        with capture(model, [site], positions="last") as acts:
             model(**batch)
         out.append(acts[site].float())
     return torch.cat(out)

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .. import __version__
 from ..identity import check_finite, check_same_model, model_identity, read_safetensors
 from ..store.checks import check_out_file
+from ..version import __version__
 from .attention import AttentionProbe
 from .probe import Probe
 

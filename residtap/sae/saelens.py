@@ -168,7 +168,7 @@ def _check_d_in(sae: SAE, model: nn.Module) -> None:
 
 
 def _cfg(sae: SAE, identity: dict[str, Any] | None) -> dict[str, Any]:
-    from residtap import __version__
+    from residtap.version import __version__
 
     metadata = {k: v for k, v in sae.metadata.items() if k in _METADATA_KEYS}
     metadata["model_name"] = sae.model_name or (identity or {}).get("name")

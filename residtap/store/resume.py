@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import residtap
 from residtap.store import manifest as fmt
 from residtap.store.checks import check_manifest, check_shard
 from residtap.store.lock import LOCK_FILE
 from residtap.store.manifest import MANIFEST, read_manifest
+from residtap.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def existing_or_new(folder: Path, settings: dict, identity: dict, tokenizer, ove
     damaged shard), or a new one. Refuses a store of other settings or other weights unless
     `overwrite`, which clears it."""
     new = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "residtap_version": residtap.__version__,
+        "format": fmt.FORMAT, "version": fmt.VERSION, "residtap_version": __version__,
         "model": identity, "tokenizer": getattr(tokenizer, "name_or_path", None),
         "sites": {name: {"shape": None, "dtype": None} for name in settings["sites"]},
         "positions": settings["positions"], "settings": settings,
