@@ -52,14 +52,9 @@ def build(args):
 
         model, _ = organism.load()
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from residtap.benchmark import reference_model
 
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                             max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-                             eos_token_id=2)
-        model = LlamaForCausalLM(config)
+        model = reference_model()
     model.eval()
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)

@@ -2,9 +2,9 @@
 
     python bench/bench_steer.py [--prompts 1 8 32] [--pairs 10] [--new-tokens 32] [--threads N]
 
-Reference model: a random LlamaForCausalLM built from LlamaConfig(hidden_size=512,
-intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-vocab_size=8192), float32, seed 0; the vector is random (norm 4) at layers.4.
+Reference model (residtap.benchmark.reference_model) with vocab_size 8192: a random Llama,
+8 layers, d_model 512, 8 heads, MLP 1376, float32, seed 0; the vector is random (norm 4) at
+layers.4.
 
 1. Sweep: 8 strengths over P prompts of 24 tokens. "batched" is residtap's steerability()
    (every prompt x strength a row with its own strength, one forward; with positions=-1 the
@@ -25,15 +25,14 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import nn
 
+from residtap.benchmark import reference_model
 from residtap.steering import SteeringVector, steer, steerability
 from residtap.steering import inject as inject_module
 from residtap.steering._batch import forward_inputs, pad_left
 
-CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-              num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
-              max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VOCAB = 8192
 STRENGTHS = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]
 
 
@@ -46,17 +45,16 @@ class IdTokenizer:
         return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
 
 
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+def build_model() -> nn.Module:
+    return reference_model(vocab=VOCAB)
 
 
 def ab_rows(n: int, length: int = 24, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
-        q = torch.randint(3, CONFIG["vocab_size"], (length - 1,), generator=g).tolist()
-        a, b = torch.randint(3, CONFIG["vocab_size"], (2,), generator=g).tolist()
+        q = torch.randint(3, VOCAB, (length - 1,), generator=g).tolist()
+        a, b = torch.randint(3, VOCAB, (2,), generator=g).tolist()
         rows.append({"question": " ".join(map(str, [1, *q])),
                      "answer_matching_behavior": f" {a}", "answer_not_matching_behavior": f" {b}"})
     return rows
@@ -107,7 +105,7 @@ def generate(model, ids, new_tokens):
 def bench_decode(model, vec, pairs: int, new_tokens: int) -> None:
     print(f"\n== decode: greedy generate, batch 1, 16-token prompt, {new_tokens} new tokens, "
           f"{pairs} interleaved ABBA blocks ==")
-    ids = torch.randint(3, CONFIG["vocab_size"], (1, 16), generator=torch.Generator()
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator()
                         .manual_seed(2))
     for policy in ("all", -1):
         generate(model, ids, 4)  # warm-up
@@ -175,7 +173,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = build_model()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: "
-          f"LlamaConfig({', '.join(f'{k}={v}' for k, v in CONFIG.items())})")
+          f"{model.config.model_type}, {model.num_parameters() / 1e6:.1f}M parameters, "
+          f"vocab {model.config.vocab_size}")
     vec = SteeringVector.from_probe(torch.randn(512) * 4 / 512**0.5, site="layers.4",
                                     model=model)
     bench_sweep(model, vec, args.prompts, args.repeats)

@@ -3,7 +3,8 @@
     python bench/bench_store.py                 # table
     python bench/bench_store.py --json          # machine-readable
 
-Model: a random 8-layer Llama, d_model 512, vocab 1000, built from LlamaConfig; data: random
+Model: the reference Llama (residtap.benchmark.reference_model: 8 layers, d_model 512) with
+vocab 1000; data: random
 token-id sequences of --seq tokens (no padding). Measured:
 
 1. capture of every `layers.{i}` to disk (positions "all" and "last") against a hookless
@@ -43,13 +44,9 @@ from residtap.store.reader import Store  # noqa: E402
 
 
 def build_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from residtap.benchmark import reference_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=1024)
-    return LlamaForCausalLM(config).eval()
+    return reference_model(vocab=1000)
 
 
 def make_data(n: int, seq: int) -> list[list[int]]:

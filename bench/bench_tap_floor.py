@@ -14,9 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import residtap
+from residtap.benchmark import reference_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, vocab_size=32000)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = reference_model()
     sites = residtap.layer_sites(model)
     weights = {s: torch.randn(125, 512) for s in sites}
     buf = torch.zeros(1, 80, 125 * len(sites))

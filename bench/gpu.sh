@@ -53,6 +53,7 @@ import torch
 import transformers
 
 import residtap
+import residtap.benchmark
 import residtap.cli.bench
 import residtap.cost
 import residtap.lens

@@ -6,7 +6,7 @@ Variants (one greedy `generate` of `new_tokens` tokens each, batch B, random pro
     packed    residtap ProbeBank, `probes` probes spread over every layer, read every step
     deferred  the same bank with defer=K (one matmul per site per K decode steps)
     naive     one forward hook per probe reading its score back with `.tolist()`
-              (residtap.cli.bench.naive_hooks): one host sync per probe per forward
+              (bench/naive.py): one host sync per probe per forward
 Eager: transformers' default (dynamic) cache, no compile. Graphs: a static cache per batch size
 (reused, so its tensors keep their addresses) and `model.forward` compiled for decode steps
 (mode="reduce-overhead": CUDA graph replay). Naive hooks read values on the host inside the
@@ -17,7 +17,7 @@ Timing: each block runs baseline, the variants in a rotating order, baseline aga
 variant's overhead is its time over the mean of the block's two baselines, minus 1 (a linear
 drift of the machine cancels). With graphs, each bank variant is attached, run once untimed
 (new score buffers are new static inputs: their graphs are recorded then), then timed. The
-arithmetic floor is probe FLOPs over forward FLOPs per token (residtap.cli.bench), with
+arithmetic floor is probe FLOPs over forward FLOPs per token (residtap.benchmark), with
 residtap.cost's prediction for 1000 dot products per token beside it.
 """
 
@@ -40,9 +40,10 @@ from gpu_common import (
     static_cache,
     summary,
 )
+from naive import naive_hooks
 from torch import Tensor, nn
 
-from residtap.cli.bench import forward_flops_per_token, naive_hooks
+from residtap.benchmark import forward_flops_per_token
 from residtap.cost import estimate_cost
 from residtap.probes.bank import ProbeBank
 from residtap.sites import layer_sites

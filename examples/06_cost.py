@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from residtap import organism
-from residtap.cli.bench import measure_overhead, random_bank
+from residtap.benchmark import measure_overhead, random_bank
 from residtap.cost import estimate_cost, percent
 
 OUT = Path(os.environ.get("RESIDTAP_EXAMPLES_OUT") or tempfile.mkdtemp(prefix="residtap-ex-"))

@@ -139,7 +139,7 @@ def measure(model: Any, n_probes: int, n_sites: int, batch_size: int, prompt_len
             new_tokens: int, repeats: int = 3) -> dict[str, float]:
     """Measured cost of `n_probes` random probes at `n_sites` sites during greedy generate,
     under CostReport's keys (seconds per forward = generate seconds / new tokens)."""
-    from residtap.cli.bench import measure_overhead, random_bank
+    from residtap.benchmark import measure_overhead, random_bank
     from residtap.sites import layer_sites
 
     n_layers = len(layer_sites(model))

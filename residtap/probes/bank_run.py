@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -47,6 +46,7 @@ from residtap.positions import check_positions
 from residtap.probes.bank_aggregates import AGGREGATES, Aggregate, Aggregates
 from residtap.probes.bank_deferred import DeferredReadout
 from residtap.probes.bank_layout import Layout, SitePack
+from residtap.probes.bank_results import ProbeResults
 from residtap.probes.bank_slots import POSITION_MODES, BankPositions, ForwardSlots, SlotPlanner
 from residtap.probes.early_exit import EarlyExit, ScoreStream, StepScores
 from residtap.sites import Arch
@@ -143,10 +143,6 @@ class BankRun(TapBlock):
     @property
     def aggregates(self) -> dict[str, Tensor]:
         return self.aggregator.buffers
-
-    @property
-    def aggregate_names(self) -> tuple[str, ...]:
-        return self.aggregator.names
 
     @property
     def defer(self) -> int:
@@ -356,49 +352,3 @@ class _SiteReadout:
             run.tap_calls += 1
         else:
             run.read(self.pack, hidden, step)
-        return None
-
-
-@dataclass
-class ProbeResults:
-    """Scores of one run, per row, token and probe column (CPU tensors).
-
-    scores (B, T, P); valid (B, T) bool: real tokens scored while the row was running;
-    names: the P column names ('probe' or 'probe:class'); aggregates {name: (B, P)}."""
-
-    names: list[str]
-    probe_columns: dict[str, list[int]]
-    positions: str
-    scores: Tensor
-    valid: Tensor
-    aggregates: dict[str, Tensor]
-
-    def __getitem__(self, probe: str) -> Tensor:
-        """(B, T, C) scores of one probe (C = its classes, 1 for a binary probe)."""
-        if probe not in self.probe_columns:
-            raise LookupError(
-                f"no probe {probe!r} in these results; probes: {list(self.probe_columns)}"
-            )
-        return self.scores[..., self.probe_columns[probe]]
-
-    def rows(self) -> list[dict[str, Tensor]]:
-        """Per row (request): {column name: (n_b,) scores at its valid tokens}."""
-        out = []
-        for b in range(self.scores.shape[0]):
-            kept = self.scores[b][self.valid[b]]  # (n_b, P)
-            out.append({n: kept[:, i] for i, n in enumerate(self.names)})
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: per row, per column, the list of valid-token scores, and aggregates."""
-        rows = [{n: v.tolist() for n, v in r.items()} for r in self.rows()]
-        aggs = {
-            a: [dict(zip(self.names, row, strict=True)) for row in t.tolist()]
-            for a, t in self.aggregates.items()
-        }
-        return {
-            "positions": self.positions,
-            "columns": self.names,
-            "rows": rows,
-            "aggregates": aggs,
-        }
