@@ -13,6 +13,7 @@ from pathlib import Path
 import residtap
 from residtap import organism
 from residtap.probes import load_probe, save_probe
+from residtap.probes.plot import write_files
 from residtap.probes.sweep import sweep
 
 OUT = Path(os.environ.get("RESIDTAP_EXAMPLES_OUT") or tempfile.mkdtemp(prefix="residtap-ex-"))
@@ -40,7 +41,7 @@ print("best site:", result.best_site, "| chance:", result.chance)
 # so its accuracy sits near chance; every block after it reads mood perfectly.
 
 # %% Save the sweep (JSON, PNG, HTML) and the best probe as a probe file.
-paths = result.save(OUT / "sweep")
+paths = write_files(result, OUT / "sweep")  # the sweep returns data; probes.plot writes it
 probe = result.probes[result.best_site]
 probe_file = save_probe(probe, OUT / "mood.safetensors", model=model)  # records the model
 print("wrote", paths["json"].name, "and", Path(probe_file).name)

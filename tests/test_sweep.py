@@ -19,7 +19,8 @@ import residtap
 from residtap.analysis import linear_cka, store_similarity
 from residtap.cli import main
 from residtap.probes import evaluate, load_probe, train_attention_probe
-from residtap.probes.sweep import plan_split, store_sequences, sweep
+from residtap.probes.split_plan import plan_split
+from residtap.probes.sweep import store_sequences, sweep
 from residtap.report import heatmap_html, heatmap_png, line_html, line_png
 
 SITES = ["embed", "layers.0", "layers.1"]

@@ -6,7 +6,7 @@ probe on new texts.
     score   a probe file's scores per text (or per token) on a data file: table, JSON or CSV
 
 sweep and train split by text: the samples' `split` column (train / test) when the store has
-one, else a random `--test-fraction` of the texts (see residtap.probes.sweep). score runs the
+one, else a random `--test-fraction` of the texts (see residtap.probes.split_plan). score runs the
 model on the texts and reads the probe where it was trained, at the store's positions unless
 --positions says otherwise (see residtap.probes.scoring).
 
@@ -46,7 +46,9 @@ from residtap.cli.common import (
     parse_positions,
     progress,
 )
-from residtap.probes.sweep import SWEEP_KINDS, sweep, train_site_probe
+from residtap.probes.plot import write_files
+from residtap.probes.split_plan import SWEEP_KINDS
+from residtap.probes.sweep import sweep, train_site_probe
 
 POSITION_FORMS = {"words": ("all", "last"), "indices": True}
 SHOWN_ROWS = 20  # rows `probe score` prints as a table without --out
@@ -125,7 +127,7 @@ def run_sweep(args) -> int:
     result = sweep(store, args.label, sites, kind=args.kind,
                    split_column=_split_column(args), test_fraction=args.test_fraction,
                    seed=args.seed, baseline=args.baseline, progress=progress(args))
-    files = result.save(args.out, png=not args.no_png) if args.out else {}
+    files = write_files(result, args.out, png=not args.no_png) if args.out else {}
     if args.json:
         emit_json(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}})
         return 0
