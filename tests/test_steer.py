@@ -227,6 +227,37 @@ def test_apply_is_steer_with_one_vector(llama):
     assert count_hooks(llama) == before
 
 
+def test_steering_is_hf_hidden_states_plus_s_times_v():
+    """Against HF itself: under steer at layers.1 with positions="all", the captured layers.1 is
+    the unsteered hidden_states[2] (block 1's output) + s·v at every position, pads included,
+    and the logits are those of a forward where a hand-made hook adds s·v to block 1's output."""
+    model = tiny_model("llama", layers=4)  # its own: output_hidden_states may leave HF's hooks
+    s = 2.5
+    vec = random_vector(model, "layers.1", 7, norm=3.0)
+    v = vec.vector  # (d,)
+    ids, mask = left_padded(PROMPTS)
+
+    def add_s_v(module, args, output):  # by hand: block 1's output + s·v (tuple or tensor)
+        if isinstance(output, tuple):
+            return (output[0] + s * v, *output[1:])
+        return output + s * v
+
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with steer(model, vec, s, positions="all"), residtap.capture(model, "layers.1") as acts:
+            steered = model(input_ids=ids, attention_mask=mask).logits
+        handle = model.model.layers[1].register_forward_hook(add_s_v)
+        try:
+            by_hand = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            handle.remove()
+    want = plain.hidden_states[2] + s * v  # (B, T, d)
+    assert acts["layers.1"].shape == want.shape == (3, 7, model.config.hidden_size)
+    torch.testing.assert_close(acts["layers.1"], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(steered, by_hand, rtol=1e-6, atol=1e-6)
+    assert (steered - plain.logits).abs().max() > 1e-2  # the push changed the prediction
+
+
 def test_repr_says_what_the_vector_is_without_its_values(llama):
     vec = SteeringVector.from_pairs(llama, TOK, list(zip(POSITIVE, NEGATIVE, strict=True)),
                                     site="layers.1")
