@@ -5,7 +5,8 @@ banks, steering, the cost calculator and every `--positions` flag.
     select_positions(hidden, attention_mask, "last")    # (B, T, ...) -> (B, ...)
     last_real_index(real)                               # (B,): each row's last real token
 
-Words (each means one thing wherever it is accepted; WORDS holds the one-line meanings):
+Words (each means one thing wherever it is accepted; WORDS holds the one-line meanings that
+every `--positions` help shows):
     "all"        every position, padding included: capture keeps the (B, T) grid, a probe bank
                  marks pads not valid, steering writes them too (no real token attends to them)
     "last"       each row's last real prompt token; for a plain forward the whole input is the
@@ -45,11 +46,12 @@ from torch import Tensor
 
 Word = Literal["all", "last", "prompt", "generated"]
 Positions = Literal["all", "last"] | Sequence[int] | Tensor
+# One line per word, as every --positions help prints it (the docstring above has the detail).
 WORDS: dict[str, str] = {
-    "all": "every position (pads included, marked not real)",
-    "last": "each row's last real prompt token",
-    "prompt": "every real prompt token",
-    "generated": "the state each generated token came from",
+    "all": "every real token",
+    "last": "each text's last real token",
+    "prompt": "the prompt's tokens",
+    "generated": "the generated tokens",
 }
 ALIASES: dict[str, str] = {"prompt_last": "last"}  # deprecated names, kept for old code and files
 

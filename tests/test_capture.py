@@ -109,3 +109,44 @@ def test_detached_by_default_and_graph_on_request(llama):
     with residtap.capture(llama, ["layers.1"], detach=False) as acts:
         llama(input_ids=ids)
     assert acts["layers.1"].requires_grad
+
+
+# -- positions: one vocabulary (residtap.positions) ---------------------------------------------
+def test_every_feature_takes_its_positions_words_from_one_vocabulary(llama):
+    """Capture, the probe bank, steering, the cost calculator and the CLI's --positions use the
+    words of residtap.positions, and refuse an unknown one with its one message."""
+    from residtap.cli.common import POSITION_WORDS
+    from residtap.cost import POSITIONS as COST_WORDS
+    from residtap.positions import WORDS
+    from residtap.probes.bank import POSITION_MODES, ProbeBank
+    from residtap.steering import SteeringVector, steer
+    from residtap.steering.inject import POSITION_WORDS as STEER_WORDS
+
+    assert set(WORDS) == {"all", "last", "prompt", "generated"}
+    assert POSITION_WORDS is WORDS
+    for words in (POSITION_MODES, STEER_WORDS, COST_WORDS):
+        assert set(words) <= set(WORDS), words
+    bank = ProbeBank().add("p", torch.randn(32), site="layers.1")
+    vec = SteeringVector(torch.ones(32), site="layers.1", method="tensor")
+    for make in (lambda p: residtap.capture(llama, ["layers.1"], positions=p),
+                 lambda p: bank.attach(llama, positions=p),
+                 lambda p: steer(llama, vec, 1.0, positions=p)):
+        with pytest.raises(ValueError, match="positions must be one of .*got the string 'first'"):
+            make("first")
+
+
+def test_last_real_index_and_real_index_match_a_loop_over_the_mask():
+    from residtap.positions import last_real_index, real_index
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(6, 9, generator=g) > 0.4).long()
+    mask[0], mask[1] = 0, torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1])  # empty row, left padding
+    mask[2] = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0])  # right padding
+    want_last = [max((t for t in range(9) if mask[b, t]), default=-1) for b in range(6)]
+    assert last_real_index(mask.bool()).tolist() == want_last
+    past, T = 5, 4  # a forward over the last 4 positions after 5 cached ones
+    index = real_index(mask, past, 6, T, torch.device("cpu"))
+    want = [[int(mask[b, :past + t + 1].sum()) - 1 for t in range(T)] for b in range(6)]
+    assert index.tolist() == want
+    plain = real_index(None, past, 2, T, torch.device("cpu"))  # no mask: every token is real
+    assert plain.tolist() == [[5, 6, 7, 8]] * 2

@@ -24,17 +24,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from residtap.positions import WORDS
+
 MODEL_HELP = "a local Hugging Face model folder, or 'organism' for the bundled model"
 ORGANISM_PREFIX = "organism:"
 ALL_LAYERS = ("all", "all-layers")
 SITES_HELP = ("site names, comma-separated or repeated (layers.0,layers.3); 'all' or "
               "'all-layers': every decoder layer, layers.0 ... layers.N-1")
-POSITION_WORDS: dict[str, str] = {
-    "all": "every real token",
-    "last": "each text's last real token",
-    "prompt": "the prompt's tokens",
-    "generated": "the generated tokens",
-}
+POSITION_WORDS: dict[str, str] = WORDS  # residtap.positions: one meaning per word
 INDEX_HELP = ("token indices, comma-separated or repeated (0,-1): counted from each text's "
               "first real token, negative from its last")
 
