@@ -135,6 +135,23 @@ def batch_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
+def left_padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as input ids and attention mask (B, T), padding on the
+    left (as `generate` wants): row b is [pad] * (T - len) + seqs[b], mask 0 over the pads."""
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def right_padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """As left_padded, the padding on the right: row b is seqs[b] + [pad] * (T - len)."""
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    return ids, mask
+
+
 def word_tokenizer():
     """A word-level tokenizer over the tiny models' vocabulary: 'w4' ... 'w95' (ids 4..95; 0 pad,
     1 bos, 2 eos, 3 unk), BOS prepended, words decoded with spaces."""

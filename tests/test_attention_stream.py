@@ -46,7 +46,8 @@ def probes(dtype=torch.float64, slope: float = 0.5) -> dict[str, AttentionProbe]
     return named
 
 
-def left_padded(B: int, T: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def left_padded_activations(B: int, T: int, dtype=torch.float64,
+                            seed: int = 0) -> tuple[torch.Tensor, ...]:
     """x (B, T, D) and a mask with left padding of 0..B-1 tokens plus one hole in the last row."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, D, generator=g, dtype=dtype)
@@ -99,7 +100,7 @@ def assert_matches(got, ref, atol, rtol=0.0):
                          ids=["token_by_token", "one_chunk", "mixed", "prefill_then_rest"])
 def test_stream_equals_offline_on_every_prefix_float64(chunks):
     named = probes()
-    x, mask = left_padded(4, 12)
+    x, mask = left_padded_activations(4, 12)
     ref = offline_prefix_scores(named, x, mask)
     got = stream_in_chunks(named, x, mask, chunks)
     assert_matches(got, ref, atol=1e-10)
@@ -108,7 +109,7 @@ def test_stream_equals_offline_on_every_prefix_float64(chunks):
 def test_stream_float32_within_float_tolerance():
     named64 = probes()
     named32 = probes(torch.float32)
-    x, mask = left_padded(3, 20)
+    x, mask = left_padded_activations(3, 20)
     ref = offline_prefix_scores(named64, x, mask)
     got = stream_in_chunks(named32, x.float(), mask, [7, 1, 1, 11], dtype=torch.float32)
     assert_matches(got.double(), ref, atol=1e-4, rtol=1e-4)
@@ -118,7 +119,7 @@ def test_large_logit_ranges_inside_one_chunk_stay_exact():
     """Position slopes of +-8 over 64 tokens give logits hundreds apart within a chunk: a shared
     reference maximum would underflow the early prefixes; the log-sum form does not."""
     named = probes(slope=8.0)
-    x, mask = left_padded(2, 64)
+    x, mask = left_padded_activations(2, 64)
     ref = offline_prefix_scores(named, x, mask)
     got = stream_in_chunks(named, x, mask, [64])
     assert got.isfinite().all()
@@ -127,7 +128,7 @@ def test_large_logit_ranges_inside_one_chunk_stay_exact():
 
 def test_invalid_tokens_leave_the_score_unchanged_and_current_matches():
     named = probes()
-    x, mask = left_padded(3, 10)
+    x, mask = left_padded_activations(3, 10)
     pack = pack_attention_probes(named, dtype=torch.float64)
     stream = AttentionStream(pack, 3, dtype=torch.float64)
     out = stream.update(F.linear(x, pack.weight, pack.bias), mask)
@@ -140,7 +141,7 @@ def test_invalid_tokens_leave_the_score_unchanged_and_current_matches():
 
 def test_reset_starts_a_new_run_in_the_same_buffers():
     named = probes()
-    x, mask = left_padded(2, 8)
+    x, mask = left_padded_activations(2, 8)
     pack = pack_attention_probes(named, dtype=torch.float64)
     stream = AttentionStream(pack, 2, dtype=torch.float64)
     proj = F.linear(x, pack.weight, pack.bias)
@@ -182,7 +183,7 @@ def test_column_layout_is_the_documented_one():
 
 def test_compiled_update_equals_eager_without_graph_breaks():
     named = probes(torch.float32)
-    x, mask = left_padded(3, 9, dtype=torch.float32)
+    x, mask = left_padded_activations(3, 9, dtype=torch.float32)
     pack = pack_attention_probes(named)
     proj = F.linear(x, pack.weight, pack.bias)
     eager, compiled = AttentionStream(pack, 3), AttentionStream(pack, 3)

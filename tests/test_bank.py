@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import left_padded, right_padded, tiny_model
 
 import residtap
 from residtap.engine import count_hooks
@@ -15,13 +15,6 @@ from residtap.probes.bank import ProbeBank
 
 D = 32
 PROMPTS = [[5, 9, 13, 22, 40, 7], [8, 31], [11, 12, 60, 4]]  # different lengths: left padding
-
-
-def left_padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
 
 
 def make_bank(seed: int = 0) -> ProbeBank:
@@ -102,9 +95,7 @@ def test_packed_scores_equal_probes_on_captured_activations(positions, defer):
 
 def test_plain_forward_right_padding_reads_last_real_token():
     model, bank = tiny_model("llama", layers=4), make_bank()
-    T = max(map(len, PROMPTS))
-    ids = torch.tensor([s + [0] * (T - len(s)) for s in PROMPTS])
-    mask = (torch.arange(T) < torch.tensor([len(s) for s in PROMPTS])[:, None]).long()
+    ids, mask = right_padded(PROMPTS)
     with torch.no_grad(), residtap.capture(model, ["layers.1", "layers.3", "embed"],
                                            positions="last") as acts:
         with bank.attach(model, positions="last") as run:

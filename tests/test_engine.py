@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch_ids, tiny_model
+from conftest import batch_ids, left_padded, right_padded, tiny_model
 
 import residtap
 from residtap.engine import count_hooks, engine_of
 from residtap.sites import blocks
-
-
-def left_padded(seqs: list[list[int]], pad: int = 0):
-    T = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
-
-
-def right_padded(seqs: list[list[int]], pad: int = 0):
-    T = max(map(len, seqs))
-    ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
-    return ids, mask
-
 
 PROMPTS = [[5, 9, 13, 22, 40, 7], [8, 31], [11, 12, 60, 4]]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import left_padded, tiny_model
 
 import residtap
 from residtap.engine import Step, next_step
@@ -23,11 +23,7 @@ PROMPTS = {"batch1": [[5, 9, 13, 22, 40]],
 
 
 def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    seqs = PROMPTS[name]
-    T = max(map(len, seqs))
-    ids = torch.tensor([[0] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
+    return left_padded(PROMPTS[name])
 
 
 def generate(model, ids, mask, **kw):

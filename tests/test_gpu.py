@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_ids, tiny_model
+from conftest import batch_ids, left_padded, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import residtap
@@ -62,13 +62,6 @@ def model_pair(device: str, dtype: torch.dtype, layers: int = 4):
     model = tiny_model("llama", layers=layers).to(dtype)
     ref = copy.deepcopy(model).to(torch.float64)
     return model.to(device), ref
-
-
-def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    ids = torch.tensor([[0] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
 
 
 def make_bank(last: str = "layers.3", seed: int = 0) -> ProbeBank:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, word_tokenizer
+from conftest import VOCAB, left_padded, tiny_model, word_tokenizer
 
 import residtap
 from residtap.cli import main
@@ -34,13 +34,6 @@ def random_vector(model, site: str, seed: int, norm: float = 2.0) -> SteeringVec
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(model.config.hidden_size, generator=g)
     return SteeringVector.from_probe(v * norm / v.norm(), site=site, model=model)
-
-
-def left_padded(seqs):
-    T = max(map(len, seqs))
-    ids = torch.tensor([[0] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
 
 
 PROMPTS = [[1, 5, 9, 13, 22, 40, 7], [1, 8, 31], [1, 11, 12, 60, 4]]
