@@ -1,4 +1,4 @@
-"""The device run of issue 19: residtap's costs on a GPU, in one script with time caps.
+"""The device run: residtap's costs on a GPU, in one script with time caps.
 
     bash bench/gpu.sh OUT                        # the device machine: installs, checks, runs
     python bench/bench_gpu.py OUT --plan         # print the sections, caps and sizes; run nothing

@@ -1,4 +1,4 @@
-"""Hostile and careless use (issue 15): SIGKILL at random moments then resume, tampered
+"""Hostile and careless use: SIGKILL at random moments then resume, tampered
 manifests, a concurrent --overwrite from another process, and NaN or edited artefact files.
 
 Each test checks an outcome against an independent oracle: an uninterrupted store's bytes, the

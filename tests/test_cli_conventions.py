@@ -1,6 +1,6 @@
-"""One CLI convention everywhere (issue #15 "CLI conventions", #16.2/#16.4): list options never
-drop a value, shared options are defined once and mean the same in every command, every error
-is one line with exit code 2, libraries stay quiet unless -v, and models load where asked."""
+"""One CLI convention everywhere: list options never drop a value, shared options are defined
+once and mean the same in every command, every error is one line with exit code 2, libraries
+stay quiet unless -v, and models load where asked."""
 
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
 
 
 def test_model_dtype_is_applied_or_refused_for_the_organism(capsys):
-    """#15 item 9: `--model-dtype notadtype` was silently ignored for 'organism'."""
+    """Regression: `--model-dtype notadtype` was once silently ignored for 'organism'."""
     one_line_error(capsys, ["sites", "organism", "--model-dtype", "notadtype"], "notadtype",
                    "bfloat16")
     assert main(["sites", "organism", "--model-dtype", "bfloat16", "--json"]) == 0
@@ -339,7 +339,7 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_capture_json_prints_only_json_and_nothing_on_stderr(tmp_path):
-    """#16 acceptance: no 'Loading weights' bar, no warnings, no progress bar with --json."""
+    """No 'Loading weights' bar, no warnings, no progress bar with --json."""
     proc = _run_cli(["capture", "organism", "--data", str(DATA_DIR / "mood.jsonl"), "--sites",
                      "layers.1", "--out", str(tmp_path / "store"), "--max-samples", "16",
                      "--json"], tmp_path)
@@ -431,7 +431,7 @@ def test_capture_on_cuda_matches_cpu(tmp_path, capsys):
                                           else "float16"}
 
 
-# -- GPT-2 checkpoints keep their LM head (#15 item 15) --------------------------------------
+# -- GPT-2 checkpoints keep their LM head ---------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gpt2")

@@ -1,4 +1,4 @@
-"""GPU checks (issue 19), each also run on the CPU so its logic is exercised in CI.
+"""GPU checks, each also run on the CPU so its logic is exercised in CI.
 
 - Capture, store, probe bank (per step and deferred), logit lens and steering in fp32 and bf16
   equal the same feature run on a float64 copy of the model (the same rounded weights) on the

@@ -1,4 +1,4 @@
-"""Every example in every command's --help runs exactly as written (issue #16.1).
+"""Every example in every command's --help runs exactly as written.
 
 The examples are the `examples:` section at the end of each `residtap ... --help`. A section
 runs top to bottom, in-process through `residtap.cli.main`, in a fresh empty working folder, so

@@ -1,4 +1,4 @@
-"""`residtap probe score PROBE_FILE MODEL --data F` (issue #16.6): a saved probe's scores per
+"""`residtap probe score PROBE_FILE MODEL --data F`: a saved probe's scores per
 text, checked against the probe applied to the rows of a store that `residtap capture` wrote
 from the same texts (another code path: store taps, the tokenizer's own padding side)."""
 

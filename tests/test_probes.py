@@ -460,7 +460,8 @@ def test_loading_for_a_different_model_is_an_error(tmp_path):
 
 
 def test_probe_made_on_another_checkpoint_is_refused_unless_allowed(tmp_path, caplog):
-    """Issue 15: identity was a config hash only; another seed (checkpoint) was accepted."""
+    """Regression: identity was once a config hash only, so another seed (checkpoint) was
+    accepted."""
     model, other = tiny_model("gpt2", layers=1, d=16), tiny_model("gpt2", layers=1, d=16, seed=1)
     path = save_probe(all_probes()[0], tmp_path / "p.safetensors", model=model)
     assert load_probe(path, model=model).model["weights_fingerprint"]

@@ -419,7 +419,7 @@ def test_unpadded_batches_match_capture(tmp_path):
         torch.testing.assert_close(store[s], acts[s].reshape(-1, 32), atol=1e-5, rtol=1e-4)
 
 
-# -- trust (issue 15): identity, paths, counts, dtypes, locks, damaged files, bad data ----------
+# -- trust: identity, paths, counts, dtypes, locks, damaged files, bad data --------------------
 def test_resume_with_another_checkpoint_of_the_same_config_is_refused(tmp_path):
     model, other, tok, rows = tiny_model("llama"), tiny_model("llama", seed=1), word_tokenizer(), \
         texts(8)
