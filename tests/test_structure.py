@@ -20,6 +20,7 @@ import ast
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "residtap"
@@ -64,21 +65,25 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _imports(body: list[ast.stmt], top: bool) -> Iterator[tuple[ast.stmt, bool]]:
-    """(import statement, runs at module level) for every import in `body`, however nested."""
+Where = Literal["module", "function", "typing"]
+
+
+def _imports(body: list[ast.stmt], where: Where) -> Iterator[tuple[ast.stmt, Where]]:
+    """(import statement, when it runs) for every import in `body`, however nested: "module"
+    (on import), "function" (when a function is called), "typing" (never: `if TYPE_CHECKING:`)."""
     for stmt in body:
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            yield stmt, top
+            yield stmt, where
         elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _imports(stmt.body, False)
+            yield from _imports(stmt.body, "typing" if where == "typing" else "function")
         elif isinstance(stmt, ast.If):
-            yield from _imports(stmt.body, top and not _is_type_checking(stmt.test))
-            yield from _imports(stmt.orelse, top)
+            yield from _imports(stmt.body, "typing" if _is_type_checking(stmt.test) else where)
+            yield from _imports(stmt.orelse, where)
         else:  # class bodies, try/except/else/finally, with, for, while, match: all run
             for field in ("body", "orelse", "finalbody"):
-                yield from _imports(getattr(stmt, field, None) or [], top)
+                yield from _imports(getattr(stmt, field, None) or [], where)
             for part in [*getattr(stmt, "handlers", ()), *getattr(stmt, "cases", ())]:
-                yield from _imports(part.body, top)
+                yield from _imports(part.body, where)
 
 
 def _targets(importer: str, stmt: ast.stmt) -> list[str]:
@@ -98,15 +103,16 @@ def _targets(importer: str, stmt: ast.stmt) -> list[str]:
 
 
 def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(module-level edges, function-level edges) between residtap modules."""
+    """(module-level edges, function-level edges) between residtap modules; imports under
+    `if TYPE_CHECKING:` never run, so they are neither."""
     top: dict[str, set[str]] = {m: set() for m in MODULES}
     deferred: dict[str, set[str]] = {m: set() for m in MODULES}
     for name, path in MODULES.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for stmt, at_top in _imports(tree.body, True):
+        for stmt, where in _imports(tree.body, "module"):
             for target in _targets(name, stmt):
-                if target in MODULES and target != name:
-                    (top if at_top else deferred)[name].add(target)
+                if target in MODULES and target != name and where != "typing":
+                    (top if where == "module" else deferred)[name].add(target)
     return top, deferred
 
 
@@ -174,11 +180,11 @@ def test_the_reader_sees_imports_at_every_level():
         "class A:\n    from residtap.store import reader\n"
         "def f():\n    from residtap.capture import capture\n"
     )
-    found = [(t, top) for stmt, top in _imports(ast.parse(source).body, True)
+    found = [(t, where) for stmt, where in _imports(ast.parse(source).body, "module")
              for t in _targets("residtap.capture", stmt) if t.startswith("residtap")]
-    assert found == [("residtap.engine", True), ("residtap.sites", False),
-                     ("residtap.positions", True), ("residtap.store.reader", True),
-                     ("residtap.capture", False)]
+    assert found == [("residtap.engine", "module"), ("residtap.sites", "typing"),
+                     ("residtap.positions", "module"), ("residtap.store.reader", "module"),
+                     ("residtap.capture", "function")]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
@@ -215,7 +221,7 @@ def test_modules_import_each_other_not_the_package():
         if name in PACKAGE_IMPORTERS:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for stmt, _ in _imports(tree.body, True):
+        for stmt, _ in _imports(tree.body, "module"):
             if "residtap" in _targets(name, stmt):
                 offenders.append(f"{path.relative_to(ROOT)}:{stmt.lineno}")
     assert not offenders, (
