@@ -1,6 +1,10 @@
 """The latency model: a roofline for the device plus fixed host costs, for the model's forward
 alone (baseline) and with two implementations of the probe readout.
 
+    baseline_s, packed_s, naive_s, naive_by_cause = latency(
+        HARDWARE["h100"], decode=True, n_layers=32, n_sites=32, n_readouts=32_000,
+        model=(model_bytes, model_flops), probes=(probe_bytes, probe_flops))
+
   naive - one Python hook per probe and site, one small kernel each, one host sync per score.
     Hooks stop CUDA-graph replay, so decode runs eager, and each sync drains the GPU so host
     and device no longer overlap.

@@ -1,5 +1,9 @@
 """Extraction under torch.distributed: data-parallel parts and their merged manifest.
 
+    rank, world = check_distributed("data", len(samples))     # (0, 1) without torch.distributed
+    store = extract_part(model, tokenizer, samples, sites, top, settings, identity, overwrite,
+                         rank, world, **forward_settings)     # called by residtap.extract
+
 Data parallel: each rank writes a resumable `part-RRRRR-of-WWWWW/` store of a contiguous block
 of samples (global sample indices), and rank 0 writes a top-level manifest whose shard paths
 point into the parts; `Store` reads it like any other. Tensor parallel (every rank runs the
