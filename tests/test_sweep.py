@@ -1,4 +1,5 @@
-"""Probe sweeps over stores, `residtap probe sweep|train`, `residtap compare`, report plots.
+"""Probe sweeps over stores, `residtap probe sweep|train`, `residtap compare`, report plots
+(and the rule that only the command line and the demo draw).
 
 Tiny random models make the stores for the API and CLI tests; the bundled organism (skipped,
 with the reason, while its checkpoint is absent) checks that a sweep finds each planted latent.
@@ -6,10 +7,12 @@ with the reason, while its checkpoint is absent) checks that a sweep finds each 
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +228,48 @@ def test_plots_handle_gaps_and_check_shapes(tmp_path):
         line_html(tmp_path / "x.html", x, {"bad": [1, 2]})
     with pytest.raises(ValueError, match="2 row labels"):
         heatmap_html(tmp_path / "x.html", matrix, ["r1", "r2"], ["c1"])
+
+
+PICTURES = re.compile(r"^(matplotlib|residtap\.report|residtap\.\w+\.plot)(\.|$)")
+DRAWERS = re.compile(r"^residtap\.(cli|demo)(\.|$)")
+
+
+def _module_imports(root: Path) -> dict[str, set[str]]:
+    """{module: every module name its import statements name, at any level (functions and
+    TYPE_CHECKING blocks too)}, read with ast from the files under residtap/."""
+    found = {}
+    for path in sorted((root / "residtap").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1]  # what a relative import starts from, for __init__.py too
+        name = ".".join(parts if parts[-1] != "__init__" else package)
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolved against the importer's package
+                    up = package[: len(package) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        found[name] = names
+    return found
+
+
+def test_feature_modules_draw_nothing():
+    """The library knows no screen: sweeps, lens results and steerability results are data.
+    Only the picture modules (report/, the features' plot.py) import matplotlib or the report,
+    and only the command line and the demo import the picture modules."""
+    imports = _module_imports(Path(__file__).parents[1])
+    offenders = sorted(f"{module} imports {name}" for module, names in imports.items()
+                       for name in names if PICTURES.match(name)
+                       and not (PICTURES.match(module) or DRAWERS.match(module)))
+    assert not offenders, (
+        f"feature code draws: {offenders}; return data and let residtap/cli (or the demo) call "
+        "the plot module")
+    drawn = {name for module, names in imports.items() if DRAWERS.match(module)
+             for name in names if PICTURES.match(name)}
+    assert {"residtap.lens.plot", "residtap.probes.plot", "residtap.steering.plot"} <= drawn
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from residtap.cli.common import (
     add_data,
@@ -85,7 +86,7 @@ def inputs_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from residtap.demo import run_demo, terminal_summary
+    from residtap.demo import run_demo
 
     check_out(args.out, "folder")
     inputs = inputs_from_args(args)
@@ -95,3 +96,36 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(terminal_summary(summary))
     return 0
+
+
+def terminal_summary(summary: dict[str, Any]) -> str:
+    """A short plain-text account of a demo run."""
+    lines = [f"residtap demo on {summary['model']} ({summary['seconds']['total']:.0f} s)"]
+    for name, p in (summary.get("probes") or {}).items():
+        lines.append(f"  probe {name:<8} best {p['best_site']:<9} {p['best_accuracy']:.3f}   "
+                     f"embed {p['embed_accuracy']:.3f}")
+    curve = summary.get("early_exit")
+    if curve:
+        best = max(curve[1:], key=lambda c: (c["accuracy"] >= curve[0]["accuracy"] - 0.02,
+                                              c["tokens_saved_frac"]))
+        full = curve[0]["accuracy"]
+        lines.append(f"  early exit: {100 * best['tokens_saved_frac']:.0f}% tokens saved at "
+                     f"accuracy {best['accuracy']:.3f} (full generation {full:.3f})")
+    lens = summary.get("lens")
+    if lens:
+        kl = lens["kl_by_layer"]
+        lines.append(f"  logit lens: KL to final {kl[0]:.2f} (first) -> {kl[-1]:.2f} (last)")
+        if "tuned_kl_by_layer" in lens:
+            lines.append(f"  tuned lens: KL to final {lens['tuned_kl_by_layer'][0]:.2f} (first)")
+    steer = summary.get("steering")
+    if steer:
+        v, r = steer["vector"], steer.get("random_baseline", {})
+        lines.append(f"  steering at {steer['site']}: slope {v['mean']:.2f} "
+                     f"({100 * v['wrong_way']:.0f}% wrong way); random {r.get('mean', 0):.2f}")
+    cost = summary.get("cost")
+    if cost:
+        floor = cost["predicted"]["arithmetic_overhead"]
+        lines.append(f"  cost: arithmetic floor {100 * floor:.2f}%, measured inside taps "
+                     f"{100 * cost['measured_inside_fraction']:.2f}%")
+    lines.append(f"  report: {summary['report']}")
+    return "\n".join(lines)
