@@ -16,7 +16,7 @@ Modules, in the order the data flows:
               the demo, never by the modules above
 """
 
-from residtap.lens.capture import LensCapture, LogitLens, pad_id, run_lens, tokenize_left_padded
+from residtap.lens.capture import LensCapture, LogitLens, run_lens, tokenize_left_padded
 from residtap.lens.decode import DEFAULT_MEMORY_BUDGET, LensStats
 from residtap.lens.readout import Readout, readout_of
 from residtap.lens.result import JSON_FORMAT, LensResult
@@ -24,6 +24,5 @@ from residtap.lens.tuned import TunedLens, train_tuned_lens
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET", "JSON_FORMAT", "LensCapture", "LensResult", "LensStats", "LogitLens",
-    "Readout", "TunedLens", "pad_id", "readout_of", "run_lens", "tokenize_left_padded",
-    "train_tuned_lens",
+    "Readout", "TunedLens", "readout_of", "run_lens", "tokenize_left_padded", "train_tuned_lens",
 ]

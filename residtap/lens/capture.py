@@ -40,7 +40,7 @@ from residtap.lens.decode import DEFAULT_MEMORY_BUDGET, decode
 from residtap.lens.readout import Readout, readout_of
 from residtap.lens.result import LensResult
 from residtap.sites import Arch, layer_sites, num_layers, resolve_site
-from residtap.steering._batch import forward_inputs
+from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
 
 log = logging.getLogger(__name__)
 
@@ -251,31 +251,11 @@ def _hidden_size(model: nn.Module) -> int:
     return int(size)
 
 
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its eos id (a common choice for decoder LMs), else 0."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def tokenize_left_padded(tokenizer: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask), both (B, T), padded on the left (what generate needs)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    rows = [tokenizer(p)["input_ids"] for p in prompts]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("a prompt tokenised to zero tokens; give non-empty prompts")
-    pad = pad_id(tokenizer)
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r) :] = 1
-    return ids, mask
+def tokenize_left_padded(tokenizer: Any, prompts: Sequence[str] | str) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), both (B, T), padded on the left (what generate needs) with
+    the tokenizer's pad id (else its eos id, else 0); the same encoding as steering's."""
+    texts = [prompts] if isinstance(prompts, str) else prompts
+    return pad_left(encode(tokenizer, texts, "prompts"), pad_id_of(tokenizer))
 
 
 def run_lens(
@@ -296,7 +276,7 @@ def run_lens(
     """Logit lens over prompts and their greedy continuation, in one generate call
     (the tuned lens where `translators`, a residtap.TunedLens, has a translator)."""
     ids, mask = tokenize_left_padded(tokenizer, prompts)
-    generate_kwargs.setdefault("pad_token_id", pad_id(tokenizer))
+    generate_kwargs.setdefault("pad_token_id", pad_id_of(tokenizer))
     lens = LogitLens(model, sites, sublayers=sublayers, dtype=dtype, translators=translators)
     return lens.run(ids, mask, max_new_tokens=max_new_tokens, top_k=top_k,
                     memory_budget=memory_budget, tokenizer=tokenizer, progress=progress,
