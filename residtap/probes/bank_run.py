@@ -196,9 +196,9 @@ class BankRun(TapBlock):
                 f"the bank's buffers hold batch_size={self.batch_size} rows but this "
                 f"forward has {step.batch}; attach with batch_size={step.batch}"
             )
-        slots = self.planner.plan(step)
         if step.past == 0:
-            self.aggregator.reset()
+            self.aggregator.reset()  # a new run: the planner starts over at slot 0 too
+        slots = self.planner.plan(step)
         if slots is None:
             return
         stage = (deferred.steps and step.past > 0 and slots.width == 1 and slots.pick is None)
