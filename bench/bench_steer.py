@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from residtap.benchmark import reference_model
+from residtap.inputs import forward_inputs, pad_left
 from residtap.steering import SteeringVector, steer, steerability
 from residtap.steering import inject as inject_module
-from residtap.steering._batch import forward_inputs, pad_left
 
 VOCAB = 8192
 STRENGTHS = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]

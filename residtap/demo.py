@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from residtap.inputs import read_jsonl
 from residtap.lens import run_lens, train_tuned_lens
 from residtap.probes.bank import ProbeBank
 from residtap.report.page import Figure, Link, Report, Section
@@ -77,11 +78,6 @@ class DemoInputs:
             lens_prompts=["i feel happy , and then the band"],
             steer_prompts=["the fog", "i feel sad , and then the"],
         )
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,

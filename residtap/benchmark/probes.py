@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from residtap.benchmark.reference import forward_flops_per_token, random_bank, reference_model
 from residtap.engine import timing
+from residtap.inputs import device_of
 from residtap.probes.bank import ProbeBank
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def measure_overhead(model: nn.Module, bank: ProbeBank, *, batch_size: int = 1,
     read every step ("packed") and with `defer` ("deferred"), as paired medians:
     {"baseline_s", "<v>_s", "<v>_overhead_pct", "<v>_handler_pct"} for v in packed, deferred."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    device = next(model.parameters()).device
+    device = device_of(model)
     ids = torch.randint(3, vocab, (batch_size, prompt_len), device=device)
     runs: dict[str, list[dict[str, float]]] = {"packed": [], "deferred": []}
     base_s = []

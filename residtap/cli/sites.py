@@ -23,6 +23,7 @@ from residtap.cli.common import (
     format_table,
     load_model_from_args,
 )
+from residtap.inputs import device_of
 from residtap.sites import SUBLAYERS, finding, resolve_site, site_names
 
 
@@ -42,7 +43,7 @@ def describe_sites(model, tokenizer=None) -> list[dict]:
     found = finding(model)
     ids = torch.tensor([[1, 2, 3, 4]]) % model.config.vocab_size
     with torch.no_grad(), capture(model, names) as acts:
-        model(input_ids=ids.to(model.device))
+        model(input_ids=ids.to(device_of(model)))
     rows = []
     for name in names:
         site = resolve_site(model, name)

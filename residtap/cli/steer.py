@@ -21,10 +21,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from residtap import inputs
 from residtap.cli.common import (
     MODEL_HELP,
     add_allow_other_weights,
@@ -118,19 +118,10 @@ def _positions(values: list[str]) -> str | int:
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({err.msg})") from None
+    rows = inputs.read_jsonl(path, limit)
     if not rows:
         raise ValueError(f"{path} holds no rows; expected one JSON object per line")
-    return rows[:limit] if limit is not None else rows
+    return rows
 
 
 def split_rows(rows: list[dict[str, Any]], path: Path) -> tuple[list[dict], list[dict]]:

@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from residtap.engine import Step, tap
 from residtap.identity import check_same_model
+from residtap.inputs import encode, forward_inputs, pad_id_of, pad_left
 from residtap.lens.decode import DEFAULT_MEMORY_BUDGET, decode
 from residtap.lens.readout import Readout, readout_of
 from residtap.lens.result import LensResult
 from residtap.sites import Arch, layer_sites, num_layers, resolve_site
-from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ measured probe accuracies.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from residtap import inputs
 from residtap.organism.language import MOOD_WORDS, MOODS, TOPICS, Language
 
 if TYPE_CHECKING:
@@ -63,5 +63,4 @@ def read_jsonl(name: str) -> list[dict]:
             f"unknown organism data set {name!r}; expected one of {list(DATASETS)}; "
             "fix: pass one of those names"
         )
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return inputs.read_jsonl(path)

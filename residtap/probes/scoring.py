@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from residtap.capture import capture
+from residtap.inputs import encode, forward_inputs, pad_id_of, pad_left
 from residtap.positions import Positions, check_positions
 from residtap.probes.attention import AttentionProbe
 from residtap.probes.probe import Probe
-from residtap.steering._batch import encode, forward_inputs, pad_id_of, pad_left
 from residtap.store.data import Sample, load_samples
 
 

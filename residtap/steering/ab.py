@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from residtap.steering._batch import encode
+from residtap.inputs import encode
 
 AB_KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from residtap.capture import capture
+from residtap.inputs import forward_inputs, pad_left
 from residtap.sites import resolve_site
-from residtap.steering._batch import forward_inputs, pad_left
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from residtap.steering._batch import encode, pad_id_of, pad_left
+from residtap.inputs import device_of, encode, pad_id_of, pad_left
 from residtap.steering.inject import PositionPolicy, steer
 from residtap.steering.vector import SteeringVector
 
@@ -43,7 +43,7 @@ def compare_generations(
     pad = pad_id_of(tokenizer)
     input_ids, mask = pad_left([s for s in ids for _ in sweep], pad)
     per_row = torch.tensor([s for _ in ids for s in sweep])  # (B,)
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.no_grad(), steer(model, vector, per_row, positions=positions):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

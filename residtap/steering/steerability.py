@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from residtap.steering._batch import cache_keyword, forward_inputs, pad_id_of, pad_left
+from residtap.inputs import cache_keyword, forward_inputs, pad_id_of, pad_left
 from residtap.steering.ab import ab_items
 from residtap.steering.direction import check_model
 from residtap.steering.inject import PositionPolicy, steer

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from residtap.identity import check_same_model, model_identity
+from residtap.inputs import encode, pad_id_of
 from residtap.sites import Arch, resolve_site
-from residtap.steering._batch import encode, pad_id_of
 from residtap.steering.ab import ab_items
 from residtap.steering.contrast import explained, pca_direction, read_activations, split_pairs
 from residtap.steering.direction import check_model

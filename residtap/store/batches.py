@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import Tensor
 
+from residtap.inputs import pad, pad_id_of
 from residtap.positions import real_mask, select_positions
 from residtap.store.data import Sample
 
@@ -63,14 +64,7 @@ def encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: i
             raise ValueError(f"sample {s.index} (id {s.id!r}) tokenizes to id {max(ids)}, but the "
                              f"model's embedding has {vocab} rows (ids 0..{vocab - 1}); use the "
                              "model's own tokenizer (or resize the model's embeddings)")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, span] = torch.tensor(s, dtype=torch.long)
-        mask[b, span] = 1
-    return ids, mask
+    return pad(seqs, pad_id, side)
 
 
 def rows_to_keep(mask: Tensor, policy, first_sample: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,14 +82,11 @@ def rows_to_keep(mask: Tensor, policy, first_sample: int) -> tuple[Tensor, Tenso
 
 
 def padding(tokenizer) -> tuple[int, str]:
+    """(pad id, padding side) for the store: the tokenizer's side is kept (it decides nothing
+    stored: padded positions are masked out)."""
     if tokenizer is None:
         return 0, "right"
-    side = getattr(tokenizer, "padding_side", "right")
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-        if pad is None:
-            pad = 0
+    if getattr(tokenizer, "pad_token_id", None) is None:
         log.info("the tokenizer has no pad token; padding with id %d (padded positions are "
-                 "masked out and never stored)", pad)
-    return int(pad), side
+                 "masked out and never stored)", pad_id_of(tokenizer))
+    return pad_id_of(tokenizer), getattr(tokenizer, "padding_side", "right")

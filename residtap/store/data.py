@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from residtap.inputs import read_jsonl, utf8_lines
+
 IDS_COLUMN = "input_ids"
 
 
@@ -142,16 +144,9 @@ def _file_rows(path: Path, limit: int | None) -> list[Any]:
         )
     rows: list[Any] = []
     if suffix == ".jsonl":
-        for n, line in _utf8_lines(path):
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({err})") from err
+        rows = read_jsonl(path, limit)
     elif suffix == ".json":
-        text = "".join(line for _, line in _utf8_lines(path))
+        text = "".join(line for _, line in utf8_lines(path))
         try:
             loaded = json.loads(text)
         except json.JSONDecodeError as err:
@@ -165,29 +160,15 @@ def _file_rows(path: Path, limit: int | None) -> list[Any]:
     elif suffix == ".csv":
         rows = _csv_rows(path, limit)
     else:
-        lines = (line.rstrip("\r\n") for _, line in _utf8_lines(path) if line.strip())
+        lines = (line.rstrip("\r\n") for _, line in utf8_lines(path) if line.strip())
         rows = list(_take(lines, limit))
     return rows
-
-
-def _utf8_lines(path: Path) -> Iterable[tuple[int, str]]:
-    """(line number, decoded line) of a file read as UTF-8; ValueError naming the file and line
-    of the first byte that is not UTF-8 (a byte-order mark at the start is dropped)."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{n} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at column "
-                    f"{err.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
 
 
 def _csv_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
     """Rows of a CSV file with a header row; a row with more or fewer fields than the header
     is an error naming its line."""
-    numbered = _utf8_lines(path)
+    numbered = utf8_lines(path)
     line_of = [0]
 
     def lines() -> Iterable[str]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from residtap.engine import Step, StopForward, tap
+from residtap.inputs import device_of
 from residtap.sites import Arch
 from residtap.store.batches import padding, shards
 from residtap.store.data import Sample
@@ -64,7 +65,7 @@ def run_forwards(model, tokenizer, samples: list[Sample], resolved: list, folder
     """Samples `start`.. through the model with a StoreTap at each resolved site; each batch's
     rows go to a ShardWriter on `folder` (None: run the forwards, write nothing: a
     tensor-parallel rank other than 0)."""
-    non_blocking = next(model.parameters()).device.type == "cuda"
+    non_blocking = device_of(model).type == "cuda"
     taps = {s.name: StoreTap(s.name, dtype, non_blocking) for s in resolved}
     # stop_early: each forward ends after the last site fires; with 'logits' among the sites
     # that is the end of the model anyway.
@@ -110,7 +111,7 @@ def run_forwards(model, tokenizer, samples: list[Sample], resolved: list, folder
 def _forward(model, taps: dict[str, StoreTap], ids: Tensor, mask: Tensor, index: Tensor,
              policy, accepted) -> dict[str, Tensor]:
     """One batch through the model with the store taps on: each site's kept rows (CPU)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     index = index.to(device)
     keep_all = policy == "all" and index.shape[0] == mask.numel()
     for t in taps.values():
