@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,32 +172,3 @@ def check_same_model(recorded: dict[str, Any], model: nn.Module, what: str, *,
         f"fine-tune); use the checkpoint it was made on, re-create the {what}, or pass "
         "allow_other_weights=True (--allow-other-weights) to use it on these weights anyway"
     )
-
-
-def read_safetensors(path: str | os.PathLike, what: str, hint: str = ""
-                     ) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """(metadata, tensors) of the safetensors file at `path`, a `what` ("probe file", ...):
-    FileNotFoundError ("no <what> at <path><hint>") or ValueError for an unreadable file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}{hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); was it truncated?"
-        ) from err
-
-
-def check_finite(path: str | os.PathLike, tensors: dict[str, Tensor], what: str) -> None:
-    """ValueError naming the first tensor of a `what` file with NaN or Inf entries."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(
-                f"{path}: tensor {name!r} of this {what} has {bad} NaN/Inf entries; the file was "
-                f"damaged or made from diverged training; re-create the {what}"
-            )

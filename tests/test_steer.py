@@ -125,9 +125,25 @@ def test_save_load_round_trip_and_format(llama, tmp_path):
         assert list(f.keys()) == ["vector"]
         meta = f.metadata()
     assert sorted(meta) == ["extra", "format", "format_version", "method", "model", "norm",
-                            "normalized", "position", "site"]
-    assert meta["format"] == "residtap.steering_vector" and meta["format_version"] == "1"
-    assert float(meta["norm"]) == vec.norm and json.loads(meta["model"]) == vec.model
+                            "normalized", "position", "residtap_version", "site"]
+    fields = {key: json.loads(text) for key, text in meta.items()}  # every value is JSON
+    assert fields["format"] == "residtap.steering_vector" and fields["format_version"] == 2
+    assert fields["norm"] == vec.norm and fields["model"] == vec.model
+    assert fields["site"] == "layers.1.ln2" and fields["position"] == -1
+
+
+def test_version_1_vector_files_still_load(llama, tmp_path):
+    """Version 1 (session 2) wrote plain strings for format, version, site and method."""
+    from safetensors.torch import save_file
+
+    v = torch.randn(32)
+    meta = {"format": "residtap.steering_vector", "format_version": "1", "site": "layers.1",
+            "method": "mean_diff", "position": "-1", "normalized": "false",
+            "norm": repr(float(v.norm())), "model": "null", "extra": "{}"}
+    save_file({"vector": v}, str(tmp_path / "old.safetensors"), metadata=meta)
+    back = SteeringVector.load(tmp_path / "old.safetensors", model=llama)
+    assert torch.equal(back.vector, v) and (back.site, back.method, back.position) == (
+        "layers.1", "mean_diff", -1)
 
 
 # -- errors and hooks -------------------------------------------------------------------------

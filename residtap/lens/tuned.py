@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from residtap.identity import check_finite, check_same_model, model_identity, read_safetensors
+from residtap.artefacts import atomic_write_bytes, check_finite, check_out_file, read_safetensors
+from residtap.identity import check_same_model, model_identity
 from residtap.lens.readout import Readout, readout_of
 from residtap.probes.splits import grouped_split
 from residtap.sites import num_layers, resolve_site
-from residtap.store.checks import check_out_file
-from residtap.store.manifest import atomic_write_bytes
 from residtap.store.reader import Store
 
 log = logging.getLogger(__name__)

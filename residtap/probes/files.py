@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..identity import check_finite, check_same_model, model_identity, read_safetensors
-from ..store.checks import check_out_file
+from ..artefacts import check_finite, check_out_file, read_safetensors
+from ..identity import check_same_model, model_identity
 from ..version import __version__
 from .attention import AttentionProbe
 from .probe import Probe

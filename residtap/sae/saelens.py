@@ -45,9 +45,9 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from residtap.identity import check_finite, check_same_model, model_identity, read_safetensors
+from residtap.artefacts import atomic_write_bytes, check_finite, read_safetensors
+from residtap.identity import check_same_model, model_identity
 from residtap.sae.model import ARCHITECTURES, NORMALIZATIONS, SAE
-from residtap.store.manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,13 @@ say how to repair the store: re-running the same capture rewrites a missing or d
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from residtap.artefacts import check_can_write
 from residtap.store.manifest import MANIFEST
 from residtap.store.writer import SAFETENSORS_DTYPES
 
@@ -209,31 +208,6 @@ def check_out_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"out {str(folder)!r} is an existing file; the store is a folder, so "
                          "pass a new folder path (or an existing store)")
-    _check_can_write(folder, f"out {str(folder)!r}")
+    check_can_write(folder, f"out {str(folder)!r}")
 
 
-def check_out_file(path: Path) -> None:
-    """ValueError unless a file can be written at `path` (checked before expensive work)."""
-    if path.is_dir():
-        raise ValueError(f"out {str(path)!r} is a folder; pass a file path such as "
-                         f"{str(path / 'out.safetensors')!r}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"out {str(path)!r} is an existing read-only file; choose another path "
-                         "or make it writable")
-    _check_can_write(path.parent, f"out {str(path)!r}")
-
-
-def _check_can_write(folder: Path, what: str) -> None:
-    existing = folder
-    while not existing.exists():  # the folders that do not exist yet are created later
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what} cannot be created: {str(existing)!r} is a file, not a folder; "
-                         "choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # unnamed where the OS allows (O_TMPFILE)
-            pass
-    except OSError as err:
-        raise ValueError(f"{what} is not writable: cannot create files in {str(existing)!r} "
-                         f"({err.strerror}); choose a writable path or fix the permissions"
-                         ) from None

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from residtap.artefacts import atomic_write_bytes, fsync_dir
 from residtap.store.data import Sample
-from residtap.store.manifest import atomic_write_bytes, fsync_dir, shard_names, write_manifest
+from residtap.store.manifest import shard_names, write_manifest
 
 log = logging.getLogger(__name__)
 
