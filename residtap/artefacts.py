@@ -84,13 +84,19 @@ def write_artefact(path: str | os.PathLike, format: str, version: int,
 
 
 def read_artefact(path: str | os.PathLike, format: str, version: int, what: str,
-                  fix: str = "the file was damaged or edited; make it again"
+                  make: str = "make it again", legacy: dict[str, int] | None = None
                   ) -> tuple[Metadata, dict[str, Tensor]]:
-    """(metadata, tensors) of a safetensors artefact of `format`, at most `version`."""
+    """(metadata, tensors) of a safetensors artefact of `format`, at most `version`. `make` says
+    how to make one (it ends every error); `legacy` maps format strings of earlier layouts to
+    the version they stand for."""
     path = Path(path)
-    raw, tensors = read_safetensors(path, what, f"; {fix}")
+    raw, tensors = read_safetensors(path, what, f"; {make}")
+    fix = f"the file was damaged or edited; {make}"
     meta = Metadata(raw, path, fix)
-    if meta.get("format", str, None) != format:
+    found_format = meta.get("format", object, None)
+    if found_format in (legacy or {}):
+        meta["format"], meta["format_version"] = format, legacy[found_format]
+    elif found_format != format:
         raise ValueError(f"{path} is not a {what} (metadata format {raw.get('format')!r}, "
                          f"expected {format!r}); {fix}")
     found = _version(meta.get("format_version", object, 1))

@@ -183,3 +183,21 @@ def test_unusable_output_paths_are_refused_before_training(organism_store, tmp_p
     assert steps == []
     lens = train_tuned_lens(model, store, steps=1, out=tmp_path / "new" / "t.safetensors")
     assert TunedLens.load(tmp_path / "new" / "t.safetensors", model).sites == lens.sites
+
+
+def test_version_1_tuned_lens_files_still_load(tmp_path):
+    """Version 1 (session 2): format "residtap.tuned_lens/1", no format_version."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from residtap.lens import TunedLens
+
+    model = tiny_model("llama", layers=3)
+    A, b = torch.randn(32, 32) * 0.01, torch.randn(32) * 0.01
+    meta = {"format": "residtap.tuned_lens/1", "sites": json.dumps(["layers.0"]),
+            "model": "null", "metrics": "{}"}
+    save_file({"A.layers.0": A, "b.layers.0": b}, str(tmp_path / "old.safetensors"),
+              metadata=meta)
+    lens = TunedLens.load(tmp_path / "old.safetensors", model)
+    assert torch.equal(lens.A["layers.0"], A) and lens.sites == ["layers.0"]

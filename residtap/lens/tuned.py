@@ -14,9 +14,11 @@ translator (its lens is the model's output). A held-out tenth of the samples (gr
 sample, so no text is on both sides) gives each site's KL with and without its translator:
 `tuned.metrics`.
 
-Files are safetensors (`A.<site>`, `b.<site>`) with JSON metadata: format, sites, d_model, the
-model identity and the metrics. Loading never unpickles and checks the file whole before use:
-metadata, one (d, d) and (d,) float pair per site, no NaN/Inf; with `model`, that it was trained
+Files are residtap artefacts (residtap.artefacts: safetensors, JSON metadata, atomic writes) of
+format "residtap.tuned_lens", format_version 2: tensors `A.<site>`, `b.<site>` and the fields
+sites, model identity and metrics (version 1 files, format "residtap.tuned_lens/1", still
+load). Loading never unpickles and checks the file whole before use: metadata, one (d, d) and
+(d,) float pair per site, no NaN/Inf; with `model`, that it was trained
 on that model (config and weights fingerprint, residtap.identity), that d is its width and that
 the model has every site. `train_tuned_lens(..., out=path)` checks the path is writable before
 training.
@@ -24,19 +26,17 @@ training.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from residtap.artefacts import atomic_write_bytes, check_finite, check_out_file, read_safetensors
+from residtap.artefacts import check_out_file, read_artefact, write_artefact
 from residtap.identity import check_same_model, model_identity
 from residtap.lens.readout import Readout, readout_of
 from residtap.probes.splits import grouped_split
@@ -45,7 +45,10 @@ from residtap.store.reader import Store
 
 log = logging.getLogger(__name__)
 
-FORMAT = "residtap.tuned_lens/1"
+FORMAT = "residtap.tuned_lens"
+FORMAT_VERSION = 2  # 2: residtap.artefacts' layout; 1 ("residtap.tuned_lens/1") is still read
+LEGACY = {"residtap.tuned_lens/1": 1}
+MAKE = "train one with residtap.train_tuned_lens(...) or `residtap tuned-lens`"
 
 
 @dataclass
@@ -77,15 +80,10 @@ class TunedLens:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (missing parent folders are created)."""
-        path = Path(path)
-        check_out_file(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"A.{s}": t.contiguous() for s, t in self.A.items()}
-        tensors |= {f"b.{s}": t.contiguous() for s, t in self.b.items()}
-        meta = {"format": FORMAT, "sites": json.dumps(self.sites),
-                "model": json.dumps(self.model), "metrics": json.dumps(self.metrics)}
-        atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
-        return path
+        tensors = {f"A.{s}": t for s, t in self.A.items()}
+        tensors |= {f"b.{s}": t for s, t in self.b.items()}
+        return write_artefact(path, FORMAT, FORMAT_VERSION, tensors, {
+            "sites": self.sites, "model": self.model, "metrics": self.metrics})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
@@ -94,14 +92,11 @@ class TunedLens:
         check it was trained on that model; allow_other_weights=True accepts a lens trained on
         another checkpoint of the same config (with a warning)."""
         path = Path(path)
-        meta, tensors = read_safetensors(path, "tuned-lens file", "; train one with residtap."
-                                         "train_tuned_lens(...) or `residtap tuned-lens`")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a tuned-lens file (format {meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        sites = _json_meta(path, meta, "sites", list)
-        identity = _json_meta(path, meta, "model", (dict, type(None)))
-        metrics = _json_meta(path, meta, "metrics", dict, default="{}")
+        meta, tensors = read_artefact(path, FORMAT, FORMAT_VERSION, "tuned-lens file", MAKE,
+                                      legacy=LEGACY)
+        sites = meta.get("sites", list)
+        identity = meta.get("model", (dict, type(None)))
+        metrics = meta.get("metrics", dict, {})
         if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
             raise ValueError(f"{path}: metadata 'sites' is {sites!r}, expected a list of distinct "
                              "site names; the file was damaged or edited, train it again")
@@ -118,7 +113,6 @@ class TunedLens:
                     f"{path}: the translator of site {s!r} is A {tuple(A.shape)} {A.dtype}, b "
                     f"{tuple(b.shape)} {b.dtype}; expected float A ({d}, {d}) and b ({d},) like "
                     "every site's; the file was damaged or edited, train it again")
-        check_finite(path, tensors, "tuned-lens file")
         lens = cls({s: tensors[f"A.{s}"] for s in sites}, {s: tensors[f"b.{s}"] for s in sites},
                    identity, metrics)
         if model is not None:
@@ -137,20 +131,6 @@ class TunedLens:
                                      f"lacks ({err}); use a tuned lens trained on this model"
                                      ) from err
         return lens
-
-
-def _json_meta(path: Path, meta: dict[str, str], key: str, types, default: str | None = None
-               ) -> Any:
-    text = meta.get(key, default)
-    try:
-        value = json.loads(text) if text is not None else None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}); the file was "
-                         "damaged or edited, train it again") from err
-    if not isinstance(value, types):
-        raise ValueError(f"{path}: metadata {key!r} is {text!r:.60}, of the wrong type or "
-                         "missing; the file was damaged or edited, train it again")
-    return value
 
 
 def train_tuned_lens(

@@ -24,8 +24,8 @@ from residtap.artefacts import read_artefact, write_artefact
 FORMAT = "residtap.steering_vector"
 FORMAT_VERSION = 2  # 2: every metadata value JSON (residtap.artefacts); 1 is still read
 TENSOR_KEY = "vector"
-FIX = "the file was damaged or edited, re-make the vector (SteeringVector.save or `residtap " \
-      "steer make`)"
+MAKE = "make one with SteeringVector.save or `residtap steer make`"
+FIX = f"the file was damaged or edited; {MAKE}"
 
 
 def write_vector_file(path: str | Path, vector: Tensor, fields: dict[str, Any]) -> Path:
@@ -41,7 +41,7 @@ def read_vector_file(path: str | Path) -> tuple[Tensor, dict[str, Any]]:
     """(vector (d,), fields) of a file written by `write_vector_file`; ValueError naming what
     is wrong with a file that is not one, or is damaged."""
     path = Path(path)
-    meta, tensors = read_artefact(path, FORMAT, FORMAT_VERSION, "steering vector file", FIX)
+    meta, tensors = read_artefact(path, FORMAT, FORMAT_VERSION, "steering vector file", MAKE)
     tensor = tensors.get(TENSOR_KEY)
     if tensor is None:
         raise ValueError(f"{path} has no tensor {TENSOR_KEY!r} (tensors {list(tensors)}); {FIX}")
