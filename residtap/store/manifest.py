@@ -19,7 +19,7 @@ in the JSONL of the shard that holds its rows, not once per row.
 
 Manifest keys (format version 1):
 
-    format, version        "residtap.store", 1
+    format, format_version "residtap.store", 1 (the key was "version" before; both are read)
     residtap_version       the version that wrote it
     model                  residtap.identity.model_identity(model) (name, class, config_hash,
                            weights_fingerprint, ...); a resume with other weights is refused
@@ -98,10 +98,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
             f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
             "this folder holds something other than a residtap store"
         )
-    if manifest.get("version") != VERSION:
+    version = manifest.get("format_version", manifest.get("version"))  # "version" until 0.1
+    if version != VERSION:
         raise ValueError(
-            f"{path} is store format version {manifest.get('version')}, but this residtap "
-            f"reads version {VERSION}; use the residtap version that wrote it "
+            f"{path} is store format_version {version}, but this residtap reads version "
+            f"{VERSION}; use the residtap version that wrote it "
             f"({manifest.get('residtap_version')}) or re-create the store"
         )
     return manifest

@@ -38,7 +38,7 @@ def existing_or_new(folder: Path, settings: dict, identity: dict, tokenizer, ove
     damaged shard), or a new one. Refuses a store of other settings or other weights unless
     `overwrite`, which clears it."""
     new = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "residtap_version": __version__,
+        "format": fmt.FORMAT, "format_version": fmt.VERSION, "residtap_version": __version__,
         "model": identity, "tokenizer": getattr(tokenizer, "name_or_path", None),
         "sites": {name: {"shape": None, "dtype": None} for name in settings["sites"]},
         "positions": settings["positions"], "settings": settings,
