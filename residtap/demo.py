@@ -176,7 +176,7 @@ def _threshold_label(threshold: float | None) -> str:
 
 
 def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
-    from residtap.probes.early_exit import early_exit_curve
+    from residtap.probes.early_exit_curve import early_exit_curve
     from residtap.report.plots import line_png
 
     if inputs.truth is None or inputs.early_exit is None or inputs.truth not in sweeps:

@@ -388,7 +388,7 @@ def test_early_exit_curve_plumbing_on_a_tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from residtap.organism.tokenizer import build_tokenizer
-    from residtap.probes.early_exit import early_exit_curve
+    from residtap.probes.early_exit_curve import early_exit_curve
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -1,9 +1,19 @@
-"""Many linear probes read inside the forward pass, one fused matmul per site.
+"""Many probes read inside the forward pass, one fused matmul per site.
 
     bank = ProbeBank().add("refusal", W, b, site="layers.4")    # W (C, d) or (d,), b (C,)
+    bank.add_probe(attention_probe, name="answer")              # an AttentionProbe: pooled
+    bank.add_sae(sae, features=[132, 233], name="sae")          # SAE feature activations
     with bank.attach(model, max_tokens=64) as run:               # positions="generated"
         model.generate(**batch, max_new_tokens=64)
     run.results()["refusal"]                                     # (B, 64, C): one per new token
+
+Kinds: linear probes (their columns are their scores); attention probes (residtap.probes.
+attention: each token's query and value columns join the site's matmul, and an online softmax
+per row gives the probe's score after every token, equal to `AttentionProbe.scores` on that
+prefix; H + H*C columns); SAE features (k encoder columns, the activation, optionally a linear
+probe trained on those features folded in as one small matmul; residtap.sae.features says what
+is exact). See bank_readouts.py. Probe files, attention-probe files and SAE folders all go in
+through `add_file`.
 
 Design:
 - All probes reading one site are packed into one weight (P_site, d) and bias (P_site,); a
@@ -55,7 +65,9 @@ import torch
 from torch import Tensor, nn
 
 from residtap.identity import check_same_model
+from residtap.probes.attention import AttentionProbe
 from residtap.probes.bank_layout import BankProbe, Layout, pack_probes
+from residtap.probes.bank_readouts import AttentionReadout, SAEReadout
 from residtap.probes.bank_run import (
     AGGREGATES,
     POSITION_MODES,
@@ -64,6 +76,7 @@ from residtap.probes.bank_run import (
     BankRun,
     ProbeResults,
 )
+from residtap.sae.model import SAE
 from residtap.sites import Arch
 
 log = logging.getLogger(__name__)
@@ -101,7 +114,14 @@ class ProbeBank:
 
     @property
     def n_columns(self) -> int:
+        """Matmul columns: C per linear probe, H + H*C per attention probe, 1 per SAE feature
+        (what the probes cost in the forward; see residtap.cost.columns)."""
         return sum(int(p.weight.shape[0]) for p in self.probes)
+
+    @property
+    def n_scores(self) -> int:
+        """Score columns in the run's buffer: one per output (class, feature) of each probe."""
+        return sum(p.n_outputs for p in self.probes)
 
     def add(
         self,
@@ -160,7 +180,14 @@ class ProbeBank:
 
     def add_probe(self, probe: Any, name: str | None = None, site: str | None = None) -> ProbeBank:
         """Add a trained probe object (weight (C, d), bias (C,), classes, site, metadata, and
-        the model identity it records, checked at `attach`)."""
+        the model identity it records, checked at `attach`), or an AttentionProbe."""
+        if isinstance(probe, AttentionProbe):
+            return self.add_attention(probe, name=name, site=site)
+        if isinstance(getattr(probe, "metadata", None), dict) and "sae" in probe.metadata:
+            raise ValueError(
+                f"this probe reads SAE features ({len(probe.metadata['sae'].get('features', []))}"
+                " of them), not the residual stream; add it with bank.add_sae(sae, features="
+                "probe.metadata['sae']['features'], probe=probe) or bank.add_file(path, sae=...)")
         for attr in ("weight", "bias"):
             if not hasattr(probe, attr):
                 raise TypeError(
@@ -181,6 +208,48 @@ class ProbeBank:
         return self.add(name, probe.weight, probe.bias, site=site, classes=classes, metadata=meta,
                         model=identity if isinstance(identity, dict) else None)
 
+    def add_attention(self, probe: AttentionProbe, name: str | None = None,
+                      site: str | None = None) -> ProbeBank:
+        """Add an attention probe: its H query and H*C value columns join the site's matmul, and
+        its score after each token pools every token seen so far (attention_stream.py)."""
+        if not isinstance(probe, AttentionProbe):
+            raise TypeError(f"expected an AttentionProbe, got {type(probe).__name__}")
+        site = site or probe.site
+        if site is None:
+            raise ValueError("the attention probe records no site; pass site='layers.N'")
+        name = name or probe.metadata.get("name") or f"probe{len(self.probes)}"
+        readout = AttentionReadout(probe)
+        weight, bias = readout.columns(name)  # (H + H*C, d): its share of the site's matmul
+        self._append(BankProbe(name, site, weight, bias, list(probe.classes),
+                               {"kind": "attention", **probe.metadata},
+                               probe.model if isinstance(probe.model, dict) else None, readout))
+        return self
+
+    def add_sae(self, sae: SAE, features: Sequence[int] | Tensor | None = None, *,
+                name: str = "sae", probe: Any = None, approximate_topk: bool = False,
+                site: str | None = None) -> ProbeBank:
+        """Add SAE features: only the selected encoder rows are packed (k columns), then the
+        SAE's activation; scores are the features' activations per token (columns
+        'name:feature'). probe: a linear probe trained on these features' activations (weight
+        (C, k)), folded in as one small matmul; its scores replace the activations. TopK SAEs:
+        a strict subset needs approximate_topk=True (residtap.sae.features says what is
+        exact). features None: all d_sae."""
+        from residtap.sae.features import SAEFeatures
+
+        feats = SAEFeatures.select(sae, features, probe=probe, approximate_topk=approximate_topk,
+                                   site=site)
+        pk = feats.packed()
+        meta = {"kind": "sae", "sae": feats.describe()}
+        if probe is not None:
+            meta["probe_kind"] = getattr(probe, "kind", None)
+        classes = list(getattr(probe, "classes", None) or []) if probe is not None else []
+        identity = sae.model
+        if identity is None and probe is not None and isinstance(probe.model, dict):
+            identity = probe.model
+        self._append(BankProbe(name, feats.site, pk.weight.detach(), pk.bias.detach(), classes,
+                               meta, identity, SAEReadout(feats)))
+        return self
+
     def layout(self, model: nn.Module, arch: Arch | None = None) -> Layout:
         """The probes packed per resolved site for `model` (cached until the bank changes):
         (packs, column names, {probe: its columns}, device). Columns run site by site."""
@@ -195,19 +264,47 @@ class ProbeBank:
         return per_model[key]
 
     def add_file(self, path: str | os.PathLike[str], name: str | None = None, *,
-                 model: nn.Module | None = None, allow_other_weights: bool = False
+                 model: nn.Module | None = None, allow_other_weights: bool = False,
+                 sae: SAE | str | os.PathLike[str] | None = None,
+                 features: Sequence[int] | None = None, approximate_topk: bool = False
                  ) -> ProbeBank:
-        """Add a linear probe saved with `residtap.probes.save_probe` (name: the file's stem).
-        The file's recorded model identity is checked now against `model` if given, and in any
-        case at `attach`."""
+        """Add what a file holds (name: the file's stem): a probe file from
+        `residtap.probes.save_probe` or `residtap probe train` (linear or attention), or an SAE
+        folder in SAELens's layout (its `features`, or all of them). A probe trained on SAE
+        features (from a feature store, residtap.sae.store) needs its SAE: `sae` (an SAE or
+        its folder). Recorded model identities are checked now against `model` if given, and
+        in any case at `attach`."""
         from residtap.probes.files import load_probe
+        from residtap.sae.saelens import CFG_FILE, load_sae
 
+        path = Path(path)
+        if path.is_dir() and (path / CFG_FILE).is_file():
+            loaded = load_sae(path, model=model, allow_other_weights=allow_other_weights)
+            return self.add_sae(loaded, features, name=name or path.name,
+                                approximate_topk=approximate_topk)
         probe = load_probe(path, model=model, allow_other_weights=allow_other_weights)
-        if getattr(probe, "kind", None) == "attention":
-            raise TypeError(f"{path} holds an attention probe, which pools over a whole "
-                            "sequence; a probe bank reads linear probes per token (logistic, "
-                            "multinomial, ridge, diff_means)")
-        return self.add_probe(probe, name=name or Path(path).stem)
+        name = name or path.stem
+        info = probe.metadata.get("sae") if isinstance(probe.metadata, dict) else None
+        if info is None:
+            if sae is not None:
+                raise ValueError(f"{path} is a probe on the residual stream, not on SAE "
+                                 "features; drop sae=")
+            return self.add_probe(probe, name=name)
+        if sae is None:
+            raise ValueError(
+                f"{path} holds a probe trained on {len(info['features'])} features of an SAE at "
+                f"{info['site']!r}; pass that SAE: add_file(path, sae='sae-folder') (CLI: "
+                "--sae FOLDER)")
+        if not isinstance(sae, SAE):
+            sae = load_sae(sae, site=info["site"], model=model,
+                           allow_other_weights=allow_other_weights)
+        if sae.d_sae != info["d_sae"]:
+            raise ValueError(f"{path} was trained on features of an SAE with d_sae="
+                             f"{info['d_sae']}, but the SAE given has d_sae={sae.d_sae}; pass "
+                             "the SAE its feature store was encoded with")
+        return self.add_sae(sae, info["features"], name=name, probe=probe,
+                            approximate_topk=bool(info.get("approximate_topk")),
+                            site=info["site"])
 
     def _append(self, probe: BankProbe) -> None:
         if any(p.name == probe.name for p in self.probes):

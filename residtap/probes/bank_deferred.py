@@ -2,16 +2,20 @@
 
     ring = DeferredReadout(steps=16)
     ring.allocate(packs, batch, device)
-    ring.add_step(slot)               # before a one-token decode step that stages
+    ring.add_step(slot, real)         # before a one-token decode step that stages
     ring.stage(pack, hidden)          # at each site, inside that forward
     lo, hi, staged = ring.take()      # {site: (B, n, d)} for slots lo..hi-1, to read now
+    ring.take_valid()                 # (B, n) bool: which staged tokens were real
 
 A decode step that scores one token per row does not multiply at all: each site keeps a
 reference to its (B, 1, d) hidden state (a fresh tensor the model never writes into again;
 under torch.compile, a copy into a staging ring of K steps at a ring index held in one device
 tensor, written in place so a compiled step reads it at a fixed address), and the bank later
 reads all staged steps with one matmul per site, so the probe weights are read once per K steps
-instead of once per step. On a CPU, a small matmul right after a block's own kernels is several
+instead of once per step. Attention streams (bank_readouts.py) are fed the n staged steps in order
+at the flush, with the real-token mask each step had (`add_step(slot, real)`: the step's slice
+of the attention mask, kept by reference, or None when the forward had no mask: all real). On a
+CPU, a small matmul right after a block's own kernels is several
 times slower than the same call in a warm loop; see BENCHMARKS.md.
 """
 
@@ -39,8 +43,11 @@ class DeferredReadout:
         self._held: dict[str, list[Tensor]] = {}  # site -> the staged steps' hidden (eager)
         self._ring: dict[str, Tensor] = {}  # site -> (steps, B, d) staged rows (compiled)
         self._at: Tensor | None = None  # (1,) long: the ring index this forward stages into
+        self._real: list[Tensor | None] = []  # per staged step: (B, 1) mask slice, or None
+        self._batch, self._device = 0, torch.device("cpu")
 
     def allocate(self, packs: Sequence[SitePack], batch: int, device: torch.device) -> None:
+        self._batch, self._device = batch, device
         if not self.steps:
             return
         self._held = {p.site.name: [] for p in packs}
@@ -54,10 +61,13 @@ class DeferredReadout:
         """Can a step filling `slot` join the staged ones (room left, the next slot)?"""
         return self.pending < self.steps and slot == self.first + self.pending
 
-    def add_step(self, slot: int) -> None:
-        """The forward about to run stages its one token for `slot`."""
+    def add_step(self, slot: int, real: Tensor | None = None) -> None:
+        """The forward about to run stages its one token for `slot`; real (B, 1): whether the
+        token is real (None: it is)."""
         if not self.pending:
             self.first = slot
+            self._real.clear()
+        self._real.append(real)
         self._at.fill_(self.pending)  # in place: the same address every step
         self.pending += 1
 
@@ -87,6 +97,16 @@ class DeferredReadout:
             staged[site] = h
         return self.first, self.first + n, staged
 
+    def take_valid(self) -> Tensor | None:
+        """(B, n) bool: which tokens of the steps just taken were real; None: all of them (no
+        step had a mask)."""
+        real, self._real = self._real, []
+        if all(r is None for r in real):
+            return None
+        ones = torch.ones(self._batch, 1, dtype=torch.bool, device=self._device)
+        return torch.cat([ones if r is None else r.to(self._device, torch.bool) for r in real],
+                         dim=1)
+
     def drop_unfinished(self) -> tuple[int, int] | None:
         """After an error inside a forward, some sites may have staged its step and others not:
         keep the steps every site staged; returns the slots (lo, hi) of the rest, or None."""
@@ -97,4 +117,5 @@ class DeferredReadout:
             del held[done:]
         dropped = (self.first + done, self.first + self.pending)
         self.pending = done
+        del self._real[done:]
         return dropped

@@ -13,10 +13,12 @@ A BankRun composes three parts, each in its own module:
 - the deferred readout (bank_deferred.py): with `defer=K`, one-token decode steps are staged
   and read K at a time.
 The tap at each site (`read`) is the device side: one `F.linear` per site, written into the
-score buffer. Under torch.compile it writes with `index_copy_` at a slot index held in one
-device tensor, written in place before each forward, so a compiled step reads no Python int
-that changes between decode steps (no recompile per step) and finds its inputs at fixed
-addresses (CUDA graphs replay instead of recording again).
+score buffer (attention probes and SAE features turn their columns into scores first:
+bank_readouts.py; their per-run state, an attention stream per site, is reset with each run).
+Under torch.compile it writes with `index_copy_` at a slot index held in one device tensor,
+written in place before each forward, so a compiled step reads no Python int that changes
+between decode steps (no recompile per step) and finds its inputs at fixed addresses (CUDA
+graphs replay instead of recording again).
 
 With `defer=K`, a staged run is read when the ring is full or the sequence of slots breaks;
 `results()`, `aggregate()`, early exit, the streamer and leaving the `with` block flush first,
@@ -46,6 +48,7 @@ from residtap.positions import check_positions
 from residtap.probes.bank_aggregates import AGGREGATES, Aggregate, Aggregates
 from residtap.probes.bank_deferred import DeferredReadout
 from residtap.probes.bank_layout import Layout, SitePack
+from residtap.probes.bank_readouts import site_scores
 from residtap.probes.bank_results import ProbeResults
 from residtap.probes.bank_slots import POSITION_MODES, BankPositions, ForwardSlots, SlotPlanner
 from residtap.probes.early_exit import EarlyExit, ScoreStream, StepScores
@@ -102,6 +105,9 @@ class BankRun(TapBlock):
         self._slots: ForwardSlots | None = None  # this forward's slots; None: it fills none
         self._staging = False  # does this forward stage instead of reading?
         self._slot_index: Tensor | None = None  # (t,) long: the slots, for compiled readout
+        self._states: dict[str, list[Any]] = {}  # site -> each segment's per-run state
+        self._needs_valid = any(pack.streams for pack in self.packs)
+        self._valid: Tensor | None = None  # (B, T) bool: this forward's real tokens (streams)
         if batch_size is not None and max_tokens is not None:
             self._allocate(batch_size, max_tokens)
         taps = {pack.site: _SiteReadout(self, pack) for pack in self.packs}
@@ -113,6 +119,9 @@ class BankRun(TapBlock):
         self.planner = SlotPlanner(self.positions, batch, max_tokens, dev)
         self.aggregator.allocate(batch, P, max_tokens, dev)
         self.deferred.allocate(self.packs, batch, dev)
+        self._states = {p.site.name: [s.state(batch, dev) for s in p.segments]
+                        for p in self.packs}
+        self._valid_step = torch.ones(batch, 1, dtype=torch.bool, device=dev)  # decode steps
         self._slot_base = torch.arange(max_tokens, device=dev)  # (max_tokens,)
         self._slot_buf = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.batch_size, self.max_tokens = batch, max_tokens
@@ -198,6 +207,10 @@ class BankRun(TapBlock):
             )
         if step.past == 0:
             self.aggregator.reset()  # a new run: the planner starts over at slot 0 too
+            for states in self._states.values():
+                for state in states:
+                    if state is not None:
+                        state.reset()
         slots = self.planner.plan(step)
         if slots is None:
             return
@@ -205,15 +218,30 @@ class BankRun(TapBlock):
         if deferred.pending and not (stage and deferred.continues(slots.lo)):
             self._flush()
         self._slots = slots
+        mask = step.attention_mask  # (B, past + T): which tokens are real, for the streams
+        real = mask[:, step.past:] if self._needs_valid and mask is not None else None
         if stage:
-            deferred.add_step(slots.lo)
+            deferred.add_step(slots.lo, real)
             self._staging = True
             return
+        if self._needs_valid:
+            self._valid = self._real_tokens(real, step)
         # the slot index a compiled readout writes at: one buffer, written in place
         self._slot_index = self._slot_buf[:slots.width]
         torch.add(self._slot_base[:slots.width], slots.lo, out=self._slot_index)
         if self.aggregator.names:
             self.aggregator.prepare(slots.weights.to(self.dtype))
+
+    def _real_tokens(self, real: Tensor | None, step: Step) -> Tensor:
+        """(B, T) bool: which of this forward's tokens are real (None: all), for the attention
+        streams; a one-token step's lives in one buffer written in place (a fixed address)."""
+        if step.length == 1:
+            if real is None:
+                return self._valid_step.fill_(True)
+            return self._valid_step.copy_(real)
+        if real is None:
+            return torch.ones(step.batch, step.length, dtype=torch.bool, device=self.device)
+        return real.to(self.device, torch.bool)
 
     # -- per site: the device side ------------------------------------------------------------
     def read(self, pack: SitePack, hidden: Tensor, step: Step) -> None:
@@ -229,14 +257,13 @@ class BankRun(TapBlock):
         if self._staging:  # keep the token's rows; `flush` multiplies later
             self.deferred.stage(pack, hidden)
             return
-        if slots.pick is not None:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            h = hidden[rows, slots.pick][:, None]  # (B, 1, d)
-        elif slots.last_only:
-            h = hidden[:, -1:]  # (B, 1, d)
+        one = slots.pick is not None or slots.last_only  # one token per row is scored
+        if one and pack.streams:  # a stream sees every token; read it after the last one
+            s = self._site_scores(pack, hidden, self._valid)  # (B, T, P_site)
+            s = self._one_token(s, slots)
         else:
-            h = hidden  # (B, t, d)
-        s = F.linear(h.to(pack.weight.dtype), pack.weight, pack.bias)  # (B, t, P_site)
+            s = self._site_scores(pack, self._one_token(hidden, slots) if one else hidden,
+                                  self._valid)  # (B, t, P_site)
         cols = slice(pack.start, pack.stop)
         if torch.compiler.is_compiling():
             # a device index: the graph must not specialise on the step's Python ints
@@ -245,6 +272,21 @@ class BankRun(TapBlock):
             self.scores[:, slots.lo:slots.hi, cols] = s
         if self.aggregator.names:
             self.aggregator.add(cols, s.to(self.dtype))
+
+    def _site_scores(self, pack: SitePack, h: Tensor, valid: Tensor | None) -> Tensor:
+        """(B, t, P_site): the site's one matmul, then its segments' readouts (if any)."""
+        proj = F.linear(h.to(pack.weight.dtype), pack.weight, pack.bias)  # (B, t, M_site)
+        if not pack.segments:
+            return proj
+        return site_scores(pack, proj, valid, self._states[pack.site.name], self.dtype)
+
+    @staticmethod
+    def _one_token(x: Tensor, slots: ForwardSlots) -> Tensor:
+        """(B, 1, ...) of x (B, T, ...): each row's picked position, or the last one."""
+        if slots.pick is None:
+            return x[:, -1:]
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, slots.pick][:, None]
 
     def _drop_unfinished_step(self) -> None:
         """After an error inside a forward, keep the steps every site staged and mark the
@@ -263,11 +305,12 @@ class BankRun(TapBlock):
 
     def _flush(self) -> None:
         lo, hi, staged = self.deferred.take()
+        real = self.deferred.take_valid()  # (B, n) bool, or None (no attention streams)
         if self.aggregator.names:
             self.aggregator.prepare(self.planner.valid[:, lo:hi].to(self.dtype))
         for pack in self.packs:
             h = staged[pack.site.name]  # (B, n, d)
-            s = F.linear(h.to(pack.weight.dtype), pack.weight, pack.bias)  # (B, n, P_site)
+            s = self._site_scores(pack, h, real)  # (B, n, P_site), the n steps in order
             self.scores[:, lo:hi, pack.start:pack.stop] = s
             if self.aggregator.names:
                 self.aggregator.add(slice(pack.start, pack.stop), s.to(self.dtype))

@@ -6,6 +6,11 @@
         out = model.generate(**batch, max_new_tokens=64, stopping_criteria=[stop, live])
     stop.report()       # which rows stopped early, at which token, tokens saved
 
+The probe may be any bank column: a linear probe's, an attention probe's (its score after each
+token pools the whole prefix) or an SAE feature's / a probe folded on SAE features
+(residtap.probes.bank_readouts). What it saves on a data set, for several probes side by side:
+residtap.probes.early_exit_curve.
+
 Both are `transformers.StoppingCriteria`: generate calls them after each new token, outside the
 model's forward (so they never sit inside a compiled graph). `EarlyExit` returns a per-row bool
 tensor (transformers >= 4.39 stops rows individually; in 5.x a stopped row is padded with
@@ -24,12 +29,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import StoppingCriteria
 
 log = logging.getLogger(__name__)
@@ -53,12 +57,6 @@ class ScoredRun(Protocol):
     def flush(self) -> None: ...
 
     def column(self, name: str, cls: Any = None) -> int: ...
-
-
-class Attachable(Protocol):
-    """A probe bank (residtap.probes.bank.ProbeBank), as early_exit_curve uses it."""
-
-    def attach(self, model: nn.Module, **kwargs: Any) -> AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -268,83 +266,3 @@ class _HostRing:
             self.pending.popleft()
             done += 1
             callback(StepScores(run_id, start, host_scores[:, :n], host_valid[:, :n], list(names)))
-
-
-def early_exit_curve(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    labels: Sequence[str],
-    bank: Attachable,
-    probe: str,
-    thresholds: Sequence[float],
-    *,
-    classes: tuple[str, str],
-    patience: int = 2,
-    max_new_tokens: int = 12,
-    batch_size: int = 32,
-) -> list[dict[str, Any]]:
-    """Tokens saved vs answer accuracy when a binary probe ends generation early.
-
-    For each prompt the model generates greedily. At threshold t a row stops once |score| > t
-    for `patience` consecutive tokens and answers classes[score > 0]; a row that runs on answers
-    with the last word of `classes` it wrote. The curve's first entry (threshold None) is full
-    generation. tokens: tokens generated per prompt (up to and including EOS, or the stop).
-
-    With the organism: prompts are the early-exit statements up to the first filler word
-    (`" ".join(row["text"].split()[:row["filler_start"]])`), labels `row["answer"]`,
-    classes ("false", "true"), and a truth probe at a middle layer."""
-    if len(prompts) != len(labels) or not prompts:
-        raise ValueError(
-            f"expected as many labels as prompts (>= 1), got {len(prompts)} prompts and "
-            f"{len(labels)} labels; pass one label per prompt"
-        )
-    runs = [_curve_point(model, tokenizer, prompts, bank, probe, t, classes, patience,
-                         max_new_tokens, batch_size) for t in [None, *thresholds]]
-    full_tokens = sum(runs[0][1])
-    curve = []
-    for threshold, (answers, used, stopped) in zip([None, *thresholds], runs, strict=True):
-        correct = sum(a == y for a, y in zip(answers, labels, strict=True))
-        curve.append({
-            "threshold": threshold, "accuracy": correct / len(labels),
-            "tokens": sum(used) / len(used),
-            "tokens_saved_frac": 1 - sum(used) / max(full_tokens, 1),
-            "stopped_frac": sum(stopped) / len(stopped),
-        })  # fmt: skip
-        log.info("early exit at threshold %s: %s", threshold, curve[-1])
-    return curve
-
-
-def _curve_point(model, tokenizer, prompts, bank, probe, threshold, classes, patience,
-                 max_new_tokens, batch_size) -> tuple[list, list[int], list[bool]]:
-    """(answers, tokens used, stopped) per prompt at one threshold (None: never stop)."""
-    eos = tokenizer.eos_token_id
-    answers: list[str | None] = []
-    used: list[int] = []
-    stopped: list[bool] = []
-    for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-        with torch.no_grad(), bank.attach(model, max_tokens=max_new_tokens) as run:
-            stop = None if threshold is None else run.early_exit(
-                probe, threshold, patience=patience, direction="either")
-            out = model.generate(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 stopping_criteria=[stop] if stop is not None else [],
-                                 pad_token_id=tokenizer.pad_token_id)
-            scores = run.results()[probe][..., 0]  # (b, slots)
-        report = stop.report(max_new_tokens) if stop is not None else None
-        for b, row in enumerate(out[:, batch["input_ids"].shape[1]:].tolist()):
-            if report is not None and report.stopped[b]:
-                k = report.stop_token[b]
-                answers.append(classes[int(scores[b, k] > 0)])
-                used.append(k + 1)
-                stopped.append(True)
-                continue
-            n = row.index(eos) + 1 if eos in row else len(row)
-            said = [w for w in tokenizer.decode(row[:n], skip_special_tokens=True).split()
-                    if w in classes]
-            answers.append(said[-1] if said else None)
-            used.append(n)
-            stopped.append(False)
-    return answers, used, stopped
