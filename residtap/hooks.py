@@ -38,6 +38,10 @@ class Step:
     attention_mask: (B, past + length) mask the model was given, or None.
     cache: id() of the forward's KV cache object, or None (to follow a static cache's length
            from step to step without reading it from the device).
+    packed: None for a forward of one sequence per row. For tokens of several sequences packed
+           along one axis (continuous batching: input (1, N), boundaries in `cu_seq_lens_q`):
+           True, then the serving adapter's `residtap.serving.PackedLayout` (which rows belong
+           to which request, at which absolute positions) once its `on_forward` has run.
     """
 
     run: int = -1
@@ -47,6 +51,7 @@ class Step:
     length: int = 0
     attention_mask: Tensor | None = None
     cache: int | None = None
+    packed: Any = None
 
 
 @dataclass
@@ -74,6 +79,8 @@ def next_step(previous: Step, kwargs: Mapping[str, Any]) -> Step:
     if ids is None:
         ids = kwargs.get("inputs_embeds")
     batch, length = tuple(ids.shape[:2]) if isinstance(ids, Tensor) and ids.dim() > 1 else (0, 0)
+    if kwargs.get("cu_seq_lens_q") is not None:  # packed: no one cache length applies
+        return Step(next(_RUN_IDS), 0, 0, batch, length, None, None, packed=True)
     cache, cached = _cache_of(kwargs)
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None

@@ -20,7 +20,8 @@ import sys
 import traceback
 
 # Sub-command modules, in the order `residtap --help` lists them.
-COMMANDS = ("sites", "capture", "cost", "lens", "steer", "bench", "probe", "compare", "demo")
+COMMANDS = ("sites", "capture", "cost", "lens", "steer", "bench", "probe", "compare", "demo",
+            "serve")
 # What residtap and the libraries it calls raise for bad input or an unusable environment.
 USER_ERRORS = (ValueError, TypeError, LookupError, OSError, RuntimeError, ImportError)
 

@@ -1,0 +1,374 @@
+"""Probes, steering, capture and early exit per request, on transformers' continuous batching.
+
+    run = attach(manager, bank=bank, vectors={"mood": vec}, capture=["layers.3"])
+    with run:                                   # taps open (between two forwards)
+        manager.start()
+        rid = run.add_request(ids, max_new_tokens=16, probes=["mood"], steer=("mood", 2.0),
+                              early_exit=("mood", 3.0), capture=["layers.3"])
+        ...                                     # the manager's output for rid, as usual
+        run.scores(rid)["mood"]                 # (n_tokens,): one score per generated token
+        run.exit_token(rid)                     # the token whose score ended it, or None
+        run.captured(rid)["layers.3"]           # (positions, d) of this request, in order
+        run.forget(rid)
+        manager.stop(block=True)
+
+One tap block (residtap.engine) on the manager's model, opened with any_thread=True (the
+manager runs forwards on its own thread). Before each forward the block's on_forward asks the
+adapter (transformers_cb.py) for the forward's PackedLayout, puts it on `step.packed` and
+plans the forward from host-side ints; inside the forward the taps use only tensors:
+- probe scores: at each site of the bank, one `F.linear` of the packed probes
+  (probes/bank_layout.py) over the rows that pick a new token of requests that asked for
+  scores; token k's score is read at the row that picks token k (the bank's "generated").
+- steering: at each steered site one writer adds strength * vector to every row of each
+  steered request (prompt and generated: the steer(...) default positions="all"), through
+  torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
+  Writers run before readers at a site: probes and capture see the steered stream.
+- capture: the rows of requests that asked for it, at the sites given to attach.
+- end of forward (a reader at the `logits` site, the last thing the forward runs): when some
+  request of this forward is scored, the one host read of the forward, (R, P); each row goes
+  to its request id and token index, and an early-exit rule that crosses its threshold ends
+  the request after this token (transformers_cb.finish_after: the manager's own finish, tokens
+  kept). A forward with no scored request reads nothing back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from residtap.engine import Step, TapBlock
+from residtap.identity import check_same_model
+from residtap.inputs import device_of
+from residtap.probes.bank_layout import SitePack
+from residtap.serving import transformers_cb as cb
+from residtap.serving.layout import PackedLayout, Segment
+from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
+from residtap.sites import Arch, Site, resolve_site
+from residtap.steering.direction import Direction, check_model
+
+log = logging.getLogger(__name__)
+_IDS = itertools.count()
+
+
+@dataclass
+class RequestRecord:
+    """What the run collected for one request (written by the manager's thread)."""
+
+    spec: RequestSpec
+    scores: list[list[float]] = field(default_factory=list)  # per token: spec.names' values
+    exit_token: int | None = None
+    exit_score: float | None = None
+    captured: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # site -> pos -> (d,)
+
+
+@dataclass
+class _Plan:
+    """One forward, planned before it runs (host ints, and the few index tensors it needs)."""
+
+    layout: PackedLayout
+    states: dict[str, Any]
+    scored: list[tuple[Segment, RequestSpec]]  # the rows read back, in order
+    rows: Tensor | None  # (R,) long: their rows in the forward
+    steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
+    steer_sites: frozenset[Site]
+    capture: list[tuple[Segment, RequestSpec]]
+
+
+class ServingRun(TapBlock):
+    """Taps on a ContinuousBatchingManager's model, configured per request (see the module
+    docstring). bank: a residtap ProbeBank; vectors: {name: SteeringVector}; capture: sites
+    whose rows a request may ask to record."""
+
+    def __init__(self, manager: Any, *, bank: Any = None,
+                 vectors: Mapping[str, Direction] | None = None, capture: Sequence[str] = (),
+                 arch: Arch | None = None, allow_other_weights: bool = False) -> None:
+        cb.require_supported()
+        if vectors is not None and not isinstance(vectors, Mapping):
+            raise TypeError(f"vectors must be a mapping name -> SteeringVector, got "
+                            f"{type(vectors).__name__}; e.g. vectors={{'mood': vec}}")
+        vectors = dict(vectors or {})
+        cb.check_manager(manager, steering=bool(vectors), capture=bool(capture))
+        self.manager = manager
+        model = manager.model
+        self.device = device_of(model)
+        self._specs: dict[str, RequestSpec] = {}
+        self._records: dict[str, RequestRecord] = {}
+        self._lock = threading.Lock()
+        self._plan: _Plan | None = None
+        self._scores: Tensor | None = None  # (R_max, P) float32, grown as needed
+        self.forwards = 0  # packed forwards seen
+        self.host_reads = 0  # forwards whose scores were read back
+        with cb.paused(manager):  # resolving sites may run residtap's validation forward
+            packs, columns, probe_columns = _packs(bank, model, arch, allow_other_weights)
+            writers = _steer_taps(self, model, vectors, arch)
+            capture_sites = {name: resolve_site(model, name, arch) for name in capture}
+            end = resolve_site(model, "logits", arch)
+        self.catalogue = Catalogue(columns, probe_columns, list(vectors), list(capture_sites))
+        self.n_columns = len(columns)
+        self.n_vectors = len(vectors)
+        taps: dict[Site, list] = {}
+        for site, writer in writers.items():
+            taps.setdefault(site, []).append(writer)
+        for pack in packs:
+            taps.setdefault(pack.site, []).append(_ScoreTap(self, pack))
+        for name, site in capture_sites.items():
+            taps.setdefault(site, []).append(_CaptureTap(self, name))
+        taps.setdefault(end, []).append(self._end_of_forward)
+        super().__init__(model, taps, arch=arch, any_thread=True, on_forward=self._on_forward)
+
+    def __enter__(self) -> ServingRun:
+        with cb.paused(self.manager):
+            super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        with cb.paused(self.manager):
+            return super().__exit__(*exc)
+
+    # -- requests -------------------------------------------------------------------------------
+    def spec(self, **asks: Any) -> RequestSpec:
+        """A RequestSpec checked against what was attached (see serving/spec.py)."""
+        return self.catalogue.spec(**asks)
+
+    def register(self, request_id: str, spec: RequestSpec) -> None:
+        """Say what `request_id` asks for; call before the manager's add_request."""
+        with self._lock:
+            if request_id in self._specs:
+                raise ValueError(f"request id {request_id!r} is already registered; use a new "
+                                 "id per request (or forget the old one first)")
+            self._specs[request_id] = spec
+            self._records[request_id] = RequestRecord(spec)
+
+    def add_request(self, input_ids: Sequence[int], *, request_id: str | None = None,
+                    max_new_tokens: int | None = None, streaming: bool = False,
+                    probes: Sequence[str] | None = None, steer: Any = None,
+                    early_exit: Any = None, capture: Sequence[str] | None = None,
+                    **kwargs: Any) -> str:
+        """Register what the request asks residtap for, then add it to the manager; its id."""
+        spec = self.spec(probes=probes, steer=steer, early_exit=early_exit, capture=capture)
+        request_id = request_id or f"residtap-{next(_IDS)}"
+        self.register(request_id, spec)
+        added = self.manager.add_request(list(input_ids), request_id=request_id,
+                                         max_new_tokens=max_new_tokens, streaming=streaming,
+                                         **kwargs)
+        if added is None:
+            self.forget(request_id)
+            raise RuntimeError("the continuous batching manager refused the request (it is "
+                               "stopping or stopped); start it before adding requests")
+        return request_id
+
+    def record(self, request_id: str) -> RequestRecord:
+        try:
+            return self._records[request_id]
+        except KeyError:
+            raise LookupError(f"no request {request_id!r} is registered with this run (or it "
+                              "was forgotten)") from None
+
+    def scores(self, request_id: str) -> dict[str, Tensor]:
+        """{column name: (n_tokens,) float32}: each generated token's score so far."""
+        record = self.record(request_id)
+        values = torch.tensor(record.scores, dtype=torch.float32).reshape(
+            len(record.scores), len(record.spec.names))  # (n_tokens, columns)
+        return {name: values[:, j] for j, name in enumerate(record.spec.names)}
+
+    def exit_token(self, request_id: str) -> int | None:
+        return self.record(request_id).exit_token
+
+    def captured(self, request_id: str) -> dict[str, Tensor]:
+        """{site: (positions, d)} on the CPU, in position order (a re-run position keeps its
+        latest rows)."""
+        record = self.record(request_id)
+        return {site: torch.stack([rows[p] for p in sorted(rows)]).cpu()
+                for site, rows in record.captured.items() if rows}
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request's spec and results (the server does this when a response ends)."""
+        with self._lock:
+            self._specs.pop(request_id, None)
+            self._records.pop(request_id, None)
+
+    # -- per forward ----------------------------------------------------------------------------
+    def _on_forward(self, step: Step) -> None:
+        self._plan = None
+        if step.packed is None:
+            return  # not a packed forward (not the manager's): taps leave it alone
+        layout, states = cb.read_forward(self.manager)
+        if layout.rows != step.length:
+            raise RuntimeError(
+                f"transformers {cb.transformers_version()}'s continuous batching packed "
+                f"{step.length} tokens into this forward but its batch lists {layout.rows} "
+                f"({layout.request_ids}); residtap.serving.transformers_cb no longer matches "
+                "this release, so rows cannot be attributed to requests")
+        step.packed = layout
+        self.forwards += 1
+        pairs = [(seg, self._specs.get(seg.request_id, NOTHING)) for seg in layout.segments]
+        specs = [s for _, s in pairs]
+        scored = [(seg, s) for seg, s in pairs if s.scored and seg.token >= 0]
+        rows = (torch.tensor([seg.last_row for seg, _ in scored], device=self.device)
+                if scored else None)
+        steer, sites = None, frozenset()
+        if any(s.steered for s in specs):
+            K = self.n_vectors
+            picks = [s.vector if s.steered else K for s in specs]
+            steer = (torch.tensor(picks, device=self.device),
+                     torch.tensor([s.strength if s.steered else 0.0 for s in specs],
+                                  dtype=torch.float32, device=self.device),
+                     torch.tensor([seg.length for seg in layout.segments], device=self.device))
+            sites = frozenset(site for site, writer in self._writers.items()
+                              if any(k < K and writer.here[k] for k in picks))
+        capture = [(seg, s) for seg, s in pairs if s.capture]
+        self._plan = _Plan(layout, states, scored, rows, steer, sites, capture)
+
+    def _rows(self, hidden: Tensor, plan: _Plan) -> Tensor:
+        """The forward's (N, d) rows of a site's (1, N, d) tensor."""
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] != plan.layout.rows:
+            raise RuntimeError(f"a packed forward of {plan.layout.rows} tokens gave this site "
+                               f"a tensor of shape {tuple(hidden.shape)}, expected (1, "
+                               f"{plan.layout.rows}, d)")
+        return hidden[0]
+
+    def _buffer(self, R: int, P: int) -> Tensor:
+        if self._scores is None or self._scores.shape[0] < R:
+            self._scores = torch.zeros(max(R, 8), P, dtype=torch.float32, device=self.device)
+        return self._scores
+
+    def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
+        plan, self._plan = self._plan, None
+        if plan is None or plan.rows is None:
+            return None
+        self.host_reads += 1
+        host = self._scores[: len(plan.scored)].cpu()  # (R, P): this forward's one host read
+        for r, (seg, spec) in enumerate(plan.scored):
+            record = self._records.get(seg.request_id)
+            if record is None:
+                continue  # forgotten while running (a cancelled request)
+            if len(record.scores) < seg.token:
+                raise RuntimeError(f"request {seg.request_id!r}: token {seg.token} was scored "
+                                   f"but only {len(record.scores)} tokens before it were; the "
+                                   "forward's layout and the request's tokens disagree")
+            del record.scores[seg.token:]  # a soft-reset request re-prefills its tokens
+            row = host[r]
+            record.scores.append([float(row[c]) for c in spec.columns])
+            if spec.exit_column is not None and record.exit_token is None:
+                score = float(row[spec.exit_column])
+                if spec.crosses(score):
+                    record.exit_token, record.exit_score = seg.token, score
+                    cb.finish_after(plan.states[seg.request_id], seg.token + 1)
+        return None
+
+
+class _ScoreTap:
+    """Reader: the packed probes of one site over the forward's scored rows."""
+
+    def __init__(self, run: ServingRun, pack: SitePack) -> None:
+        self.run, self.pack = run, pack
+
+    def __call__(self, hidden: Tensor, step: Step) -> None:
+        plan = self.run._plan
+        if plan is None or plan.rows is None:
+            return None
+        chosen = self.run._rows(hidden, plan).index_select(0, plan.rows)  # (R, d)
+        pack = self.pack
+        buffer = self.run._buffer(len(plan.scored), self.run.n_columns)
+        buffer[: len(plan.scored), pack.start:pack.stop] = F.linear(chosen, pack.weight,
+                                                                     pack.bias)  # (R, P_site)
+        return None
+
+
+class _SteerTap:
+    """Writer: row r of segment s gets + strength[s] * vectors[pick[s]] where that vector is
+    at this site and the strength is not 0; every other row is returned as it came."""
+
+    def __init__(self, run: ServingRun, site: Site, table: Tensor, here: list[bool]) -> None:
+        self.run, self.site = run, site
+        self.table = table  # (K + 1, d) float32: vector k where it is at this site, else 0
+        self.here = here  # (K + 1) bools: is vector k at this site?
+        self.here_t = torch.tensor(here)
+        self._on: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, hidden: Tensor, step: Step) -> Tensor | None:
+        plan = self.run._plan
+        if plan is None or self.site not in plan.steer_sites:
+            return None
+        rows = self.run._rows(hidden, plan)  # (N, d)
+        key = (rows.device, rows.dtype)
+        if key not in self._on:
+            self._on[key] = (self.table.to(rows.device), self.here_t.to(rows.device))
+        table, here = self._on[key]
+        picks, strengths, lengths = plan.steer
+        delta = (strengths[:, None] * table[picks]).to(rows.dtype)  # (S, d), as inject.py
+        active = (strengths != 0) & here[picks]  # (S,)
+        N = plan.layout.rows
+        delta = delta.repeat_interleave(lengths, dim=0, output_size=N)  # (N, d)
+        active = active.repeat_interleave(lengths, output_size=N)  # (N,)
+        return torch.where(active[:, None], rows + delta, rows)[None]  # (1, N, d)
+
+
+class _CaptureTap:
+    """Reader: the rows of requests that asked to capture this site."""
+
+    def __init__(self, run: ServingRun, name: str) -> None:
+        self.run, self.name = run, name
+
+    def __call__(self, hidden: Tensor, step: Step) -> None:
+        plan = self.run._plan
+        if plan is None or not plan.capture:
+            return None
+        rows = None
+        for seg, spec in plan.capture:
+            record = self.run._records.get(seg.request_id)
+            if self.name not in spec.capture or record is None:
+                continue
+            rows = self.run._rows(hidden, plan) if rows is None else rows
+            kept = rows[seg.start:seg.stop].detach().clone()  # (length, d)
+            store = record.captured.setdefault(self.name, {})
+            for i in range(seg.length):
+                store[seg.position + i] = kept[i]
+        return None
+
+
+def _packs(bank: Any, model: Any, arch: Arch | None, allow_other_weights: bool
+           ) -> tuple[list[SitePack], list[str], dict[str, list[int]]]:
+    if bank is None or len(bank) == 0:
+        return [], [], {}
+    for p in bank.probes:
+        if p.model is not None and p.model.get("config_hash"):
+            check_same_model(p.model, model, f"probe {p.name!r}",
+                             allow_other_weights=allow_other_weights)
+    packs, columns, probe_columns, _ = bank.layout(model, arch)
+    return packs, columns, probe_columns
+
+
+def _steer_taps(run: ServingRun, model: Any, vectors: dict[str, Direction],
+                arch: Arch | None) -> dict[Site, _SteerTap]:
+    run._writers = {}
+    if not vectors:
+        return run._writers
+    for name, vec in vectors.items():
+        if not isinstance(vec, Direction):
+            raise TypeError(f"vectors[{name!r}] must be a SteeringVector, got "
+                            f"{type(vec).__name__}")
+        check_model(vec, model)
+    sites = [resolve_site(model, vec.site, arch) for vec in vectors.values()]
+    K, d = len(sites), next(iter(vectors.values())).vector.shape[-1]
+    for site in dict.fromkeys(sites):
+        here = [s == site for s in sites] + [False]
+        table = torch.zeros(K + 1, d)  # (K + 1, d) float32
+        for k, vec in enumerate(vectors.values()):
+            if here[k]:
+                table[k] = vec.vector.float()
+        run._writers[site] = _SteerTap(run, site, table, here)
+    return run._writers
+
+
+def attach(manager: Any, **kwargs: Any) -> ServingRun:
+    """ServingRun(manager, bank=..., vectors=..., capture=...): see the module docstring."""
+    return ServingRun(manager, **kwargs)
