@@ -7,7 +7,6 @@
 Stores, probe files, steering vectors and tuned lenses record it, and loaders compare it, so
 that an artefact made on one model is never silently used on another: neither on a model of
 another config, nor on another checkpoint of the same config (`weights_fingerprint`).
-`read_safetensors` is the file read those loaders share.
 
 The weights fingerprint hashes the signs of 256 evenly spaced entries of every parameter of the
 base model (the weights the residual stream depends on; the LM head is left out, so a
@@ -38,6 +37,21 @@ _VOLATILE_KEYS = {
     "_attn_implementation", "_attn_implementation_autoset", "use_cache", "output_hidden_states",
     "output_attentions", "return_dict", "_commit_hash", "name_or_path",
 }
+# Keys transformers 4.x writes into every config (generation and legacy defaults) that 5.x
+# dropped: not part of the network, and they would tie a hash to the release that made it.
+_RELEASE_KEYS = {
+    "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
+    "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+    "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "id2label",
+    "is_decoder", "is_encoder_decoder", "label2id", "length_penalty", "max_length",
+    "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
+    "num_return_sequences", "output_scores", "prefix", "problem_type", "pruned_heads",
+    "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id",
+    "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss",
+    "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p",
+    "use_bfloat16",
+}
 SAMPLES_PER_TENSOR = 256
 _TINY = 1e-6  # |w| below this counts as zero (float16 flushes the smallest values to zero)
 
@@ -49,16 +63,55 @@ _ALLOWED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictio
 
 
 def config_hash(model: nn.Module) -> str:
-    """sha256 (first 16 hex digits) of the model's config, without the volatile keys."""
+    """sha256 (first 16 hex digits) of the model's config, without the keys that do not change
+    what the network computes and without those a transformers release adds or drops by
+    itself (4.x's generation defaults; `rope_theta` beside `rope_parameters`), so the same
+    model has the same hash under every supported release."""
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(
             f"expected a Hugging Face model with a .config, got {type(model).__name__}; "
             "pass a transformers PreTrainedModel"
         )
-    raw = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_KEYS}
+    raw = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_KEYS | _RELEASE_KEYS}
+    return _hash(_canonical_rope(raw))
+
+
+def _canonical_rope(raw: dict[str, Any]) -> dict[str, Any]:
+    """The rotary settings in one form: 5.x keeps them in `rope_parameters`, 4.57 in
+    `rope_theta`, `rope_scaling` and `partial_rotary_factor` (GPT-NeoX: `rotary_emb_base`,
+    `rotary_pct`), written beside rope_parameters when it reads a 5.x config."""
+    keys = ("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor",
+            "rotary_emb_base", "rotary_pct")  # the last two: GPT-NeoX's 4.57 names
+    if not any(k in raw for k in keys):
+        return raw
+    rope = dict(raw.get("rope_parameters") or {})
+    if not rope:
+        scaling = dict(raw.get("rope_scaling") or {})
+        if "type" in scaling:
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        rope = {"rope_type": "default", **scaling}
+        theta = raw.get("rope_theta", raw.get("rotary_emb_base"))
+        if theta is not None:
+            rope["rope_theta"] = theta
+    partial = raw.get("partial_rotary_factor", raw.get("rotary_pct"))
+    if partial is not None:
+        rope.setdefault("partial_rotary_factor", partial)
+    return {**{k: v for k, v in raw.items() if k not in keys}, "rope": rope}
+
+
+def _hash(raw: dict[str, Any]) -> str:
     text = json.dumps(raw, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def same_config(recorded: str | None, model: nn.Module) -> bool:
+    """True when an identity's recorded config hash is this model's (or, for an artefact of
+    residtap 0.1 up to session 3, the hash of its whole config dict, under the same release)."""
+    if recorded is None:
+        return False
+    legacy = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    return recorded in (config_hash(model), _hash(legacy))
 
 
 def weights_fingerprint(model: nn.Module) -> str | None:
@@ -143,7 +196,7 @@ def check_same_model(recorded: dict[str, Any], model: nn.Module, what: str, *,
     kept weights fingerprints is checked by config only, with a warning."""
     current = config_hash(model)
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    if recorded.get("config_hash") != current:
+    if not same_config(recorded.get("config_hash"), model):
         raise ValueError(
             f"{what} was made on model {recorded.get('name')!r} "
             f"(config hash {recorded.get('config_hash')}), but this model {name!r} has config "

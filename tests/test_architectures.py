@@ -230,3 +230,16 @@ def test_cli_sites_says_how_each_part_was_found_and_what_is_refused(tmp_path, ca
     assert {r["check"] for r in out["sites"]} == {"validated"}
     assert "layers.0.ln1" in {r["site"] for r in out["sites"]}
     assert "parallel block" in out["refused"]["ln2"]
+
+
+def test_the_shipped_checkpoint_has_one_identity_under_every_release():
+    """Artefacts record the config hash and weights fingerprint of the model they were made on;
+    the same checkpoint must give the same values under every supported transformers (4.57's
+    configs carry generation defaults and older rope keys that 5.x dropped). The values were
+    computed under 5.24; .ci/run checks them under the lowest and the newest release too."""
+    from residtap import organism
+    from residtap.identity import config_hash, weights_fingerprint
+
+    model, _ = organism.load()
+    assert config_hash(model) == "4455f5b961c4f700"
+    assert weights_fingerprint(model) == "4474c2394d614c84"
