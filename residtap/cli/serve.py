@@ -37,6 +37,11 @@ from residtap.cli.common import (
     load_model_from_args,
 )
 
+# transformers sizes its paged cache for accelerators (768 blocks of 256 tokens, 8192 tokens
+# per forward): on the CPU that takes ~20 s to allocate and slows every step (its attention
+# mask is reset at full size), so the CPU gets a small cache: 8192 tokens, 512 per forward.
+CPU_SIZES = {"max_batch_tokens": 512, "num_blocks": 256, "page_size": 32}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible server with probes, steering "
@@ -59,10 +64,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=16,
                    help="tokens generated when a request gives no max_tokens (default 16)")
     p.add_argument("--max-batch-tokens", type=int,
-                   help="tokens per packed forward (default: transformers chooses)")
+                   help=f"tokens per packed forward (default on the CPU "
+                   f"{CPU_SIZES['max_batch_tokens']}, elsewhere transformers chooses)")
     p.add_argument("--num-blocks", type=int,
-                   help="KV cache blocks (default: transformers sizes it from free memory)")
-    p.add_argument("--page-size", type=int, help="tokens per KV cache block (default 256)")
+                   help=f"KV cache blocks (default on the CPU {CPU_SIZES['num_blocks']}, "
+                   "elsewhere transformers sizes the cache from free memory)")
+    p.add_argument("--page-size", type=int, help=f"tokens per KV cache block (default on the "
+                   f"CPU {CPU_SIZES['page_size']}, elsewhere 256)")
     add_model_flags(p)
     add_allow_other_weights(p)
     p.set_defaults(func=run)
@@ -86,6 +94,7 @@ def make_app(args: argparse.Namespace) -> tuple[Any, str]:
     except ImportError as err:
         raise ImportError(f"residtap serve needs FastAPI and uvicorn ({err}); install them "
                           "with: pip install 'residtap[serve]'") from None
+    from residtap.inputs import device_of
     from residtap.probes.bank import ProbeBank
     from residtap.steering.vector import SteeringVector
 
@@ -106,11 +115,12 @@ def make_app(args: argparse.Namespace) -> tuple[Any, str]:
                                          allow_other_weights=args.allow_other_weights)
                for name, path in args.vector}
     template = args.chat_template.read_text() if args.chat_template is not None else None
+    sizes = {k: getattr(args, k) for k in CPU_SIZES}
+    if device_of(model).type == "cpu":
+        sizes = {k: CPU_SIZES[k] if v is None else v for k, v in sizes.items()}
     served = args.name or ("organism" if args.model == "organism" else Path(args.model).name)
     app = build_app(model, tokenizer, bank=bank, vectors=vectors, name=served,
-                    chat_template=template, default_max_tokens=args.max_tokens,
-                    max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks,
-                    page_size=args.page_size)
+                    chat_template=template, default_max_tokens=args.max_tokens, **sizes)
     summary = (f"serving {served!r} at http://{args.host}:{args.port}/v1 (probes: "
                f"{bank.names or 'none'}; vectors: {list(vectors) or 'none'})")
     return app, summary

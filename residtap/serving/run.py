@@ -198,8 +198,8 @@ class ServingRun(TapBlock):
     # -- per forward ----------------------------------------------------------------------------
     def _on_forward(self, step: Step) -> None:
         self._plan = None
-        if step.packed is None:
-            return  # not a packed forward (not the manager's): taps leave it alone
+        if step.packed is None or not cb.in_manager_thread(self.manager):
+            return  # not this manager's forward: the taps leave it alone
         layout, states = cb.read_forward(self.manager)
         if layout.rows != step.length:
             raise RuntimeError(

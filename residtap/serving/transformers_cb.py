@@ -26,7 +26,8 @@ file and tests/test_serving.py::test_adapter_assumptions, never results. What is
 - `manager.output_router.result_handlers` (request id -> handler), dropped for a request the
   server cancels (the manager drops it only when an output says the request finished).
 - `manager.continuous_batching_config` (resolved at init), `manager.num_return_sequences`,
-  `manager.pause()`, `batch_processor.scheduler.active_requests / waiting_requests`.
+  `manager.pause()`, `batch_processor.scheduler.active_requests / waiting_requests`, and
+  `manager._generation_thread`, the thread that runs its forwards.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,8 +66,11 @@ def unsupported_reason() -> str | None:
         missing.append(f"the continuous_batching package ({err})")
     else:
         future = getattr(requests, "FutureRequestState", None)
-        slots = getattr(future, "__slots__", ())
-        missing += [f"FutureRequestState.{s}" for s in _FUTURE_SLOTS if s not in slots]
+        if future is None:
+            missing.append("FutureRequestState (a forward's requests in row order)")
+        else:
+            slots = getattr(future, "__slots__", ())
+            missing += [f"FutureRequestState.{s}" for s in _FUTURE_SLOTS if s not in slots]
         state = getattr(requests, "RequestState", None)
         fields = ({f.name for f in dataclasses.fields(state)}
                   if state is not None and dataclasses.is_dataclass(state) else set())
@@ -73,7 +78,7 @@ def unsupported_reason() -> str | None:
         manager = getattr(continuous_api, "ContinuousBatchingManager", None)
         missing += [f"ContinuousBatchingManager.{m}()" for m in _MANAGER_METHODS
                     if not hasattr(manager, m)]
-        if manager is not None and hasattr(manager, "add_request"):
+        if hasattr(manager, "add_request"):
             params = inspect.signature(manager.add_request).parameters
             missing += [f"add_request({p}=...)" for p in ("request_id", "streaming")
                         if p not in params]
@@ -160,6 +165,12 @@ def read_forward(manager: Any) -> tuple[PackedLayout, dict[str, Any]]:
         states[state.request_id] = state
         at += q
     return PackedLayout(tuple(segments), at), states
+
+
+def in_manager_thread(manager: Any) -> bool:
+    """Is the caller the manager's generation thread, whose forwards it schedules? (Another
+    manager, or a plain generate, may run the same model from another thread.)"""
+    return threading.current_thread() is manager._generation_thread
 
 
 def finish_after(state: Any, tokens: int) -> None:
