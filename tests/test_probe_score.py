@@ -182,3 +182,83 @@ def test_score_paths_are_independent_of_batching(setup, capsys):
     many = _score(capsys, setup, "--batch-size", "14")["scores"]
     assert [r["score"] for r in one] == pytest.approx([r["score"] for r in many], abs=1e-5)
 
+
+
+def test_probe_train_kind_attention_writes_a_file_score_and_the_bank_read(setup, tmp_path,
+                                                                           capsys):
+    """`probe train --kind attention` on the all-positions store: the file's probe equals the
+    probe on the store's sequences (score: one row per text), and a bank reads the same file:
+    its score after the prompt's last token equals the per-text score."""
+    from residtap.probes.bank import ProbeBank
+
+    path = tmp_path / "attention.safetensors"
+    capsys.readouterr()
+    assert main(["probe", "train", str(setup["stores"]["all"]), "--label", "label", "--site",
+                 "layers.1", "--kind", "attention", "--heads", "2", "--epochs", "3", "--out",
+                 str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "attention" and summary["test"]["n"] == 5  # 5 test texts
+    probe = load_probe(path)
+    assert probe.kind == "attention" and probe.n_heads == 2
+    store = Store.open(setup["stores"]["all"])
+    X, mask, _ = store_sequences(store, "layers.1")
+    out = _score(capsys, {**setup, "probe": path})
+    want = probe.scores(X.float(), mask)  # (14,)
+    assert torch.allclose(torch.tensor([r["score"] for r in out["scores"]]), want, atol=1e-4)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    tok.padding_side = "left"
+    batch = tok([r["text"] for r in setup["rows"]], return_tensors="pt", padding=True)
+    bank = ProbeBank().add_file(path)
+    with torch.no_grad(), bank.attach(model, positions="last") as run:
+        model(**batch)
+    assert torch.allclose(run.results()["attention"][:, 0, 0], want, atol=1e-4)
+    assert main(["probe", "train", str(setup["stores"]["last"]), "--label", "label", "--site",
+                 "layers.1", "--kind", "attention", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "positions='all'" in capsys.readouterr().err
+
+
+def test_sae_folders_and_probes_on_sae_features(setup, tmp_path, capsys):
+    """An SAE folder scores its --features' activations (= SAE.encode's columns on the store's
+    rows); a probe trained by `probe train` on a feature store (residtap.sae.store) scores like
+    the probe on the encoded rows, given --sae, and refuses to run without it."""
+    from residtap.sae import SAE, save_sae
+    from residtap.sae.store import encode_store
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 32, 40
+    sae = SAE(torch.randn(d, n, generator=g) / 4, 0.1 * torch.randn(n, generator=g),
+              torch.randn(n, d, generator=g), 0.1 * torch.randn(d, generator=g),
+              site="layers.1")
+    folder = save_sae(sae, tmp_path / "sae")
+    store = Store.open(setup["stores"]["last"])
+    capsys.readouterr()
+    assert main(["probe", "score", str(folder), str(setup["model"]), "--data",
+                 str(setup["data"]), "--features", "3,7,11", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = sae.encode(store["layers.1"].float())[:, [3, 7, 11]]
+    assert out["kind"] == "sae features" and out["rows"] == 14
+    assert torch.allclose(torch.tensor([r["score"] for r in out["scores"]]), want, atol=1e-4)
+    assert "prediction" not in out["scores"][0]
+
+    feats = encode_store(store, sae, tmp_path / "feats", features=[3, 7, 11, 20],
+                         progress=False)
+    probe_path = tmp_path / "on_features.safetensors"
+    assert main(["probe", "train", str(feats.folder), "--label", "label", "--site",
+                 "layers.1/sae", "--out", str(probe_path), "--json"]) == 0
+    probe = load_probe(probe_path)
+    assert probe.metadata["sae"]["features"] == [3, 7, 11, 20]
+    capsys.readouterr()
+    assert main(["probe", "score", str(probe_path), str(setup["model"]), "--data",
+                 str(setup["data"]), "--sae", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = probe.scores(feats["layers.1/sae"])
+    assert out["kind"] == "logistic on SAE features" and out["agreement"]["rows"] == 14
+    assert torch.allclose(torch.tensor([r["score"] for r in out["scores"]]), want, atol=1e-4)
+    assert [r["prediction"] for r in out["scores"]] == [
+        probe.classes[int(s > 0)] for s in want.tolist()]
+    assert main(["probe", "score", str(probe_path), str(setup["model"]), "--data",
+                 str(setup["data"])]) == 2
+    assert "--sae FOLDER" in capsys.readouterr().err

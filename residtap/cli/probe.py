@@ -2,8 +2,11 @@ r"""`residtap probe sweep|train|score`: probes on an activation store, and score
 probe on new texts.
 
     sweep   one probe per site of a store: table; sweep.json, sweep.png, sweep.html
-    train   one probe at one site, saved as a .safetensors probe file
-    score   a probe file's scores per text (or per token) on a data file: table, JSON or CSV
+    train   one probe at one site, saved as a .safetensors probe file (--kind attention: an
+            attention probe over every token of a text, from a store with positions all; on a
+            store of SAE features, residtap.sae.store, the probe records which features it reads)
+    score   a probe file's scores per text (or per token) on a data file: table, JSON or CSV;
+            also an SAE folder (its --features' activations) or a probe on SAE features (--sae)
 
 sweep and train split by text: the samples' `split` column (train / test) when the store has
 one, else a random `--test-fraction` of the texts (see residtap.probes.split_plan). score runs the
@@ -17,6 +20,12 @@ examples:
   residtap probe train acts/ --label label --site layers.3 --out mood-probe.safetensors
   residtap probe score mood-probe.safetensors organism --data organism:mood --out scores.csv
   residtap probe score mood-probe.safetensors organism --data organism:mood --max-samples 3 --json
+  residtap capture organism --data organism:early_exit --sites layers.4 --positions all \
+      --out acts-all/
+  residtap probe train acts-all/ --label label --site layers.4 --kind attention --heads 4 \
+      --out answer.safetensors
+  residtap probe score residtap/organism/sae organism --data organism:mood --features 222,21 \
+      --max-samples 2
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from residtap.cli.common import (
     add_allow_other_weights,
     add_data,
     add_json_flag,
+    add_list,
     add_model_flags,
     add_out,
     add_positions,
@@ -49,6 +59,8 @@ from residtap.cli.common import (
 from residtap.probes.plot import write_files
 from residtap.probes.split_plan import SWEEP_KINDS
 from residtap.probes.sweep import sweep, train_site_probe
+
+TRAIN_KINDS = (*SWEEP_KINDS, "attention")
 
 POSITION_FORMS = {"words": ("all", "last"), "indices": True}
 SHOWN_ROWS = 20  # rows `probe score` prints as a table without --out
@@ -74,8 +86,14 @@ def register(sub) -> None:
     s.set_defaults(func=run_sweep)
 
     t = probe_sub.add_parser("train", help="train one probe at one site and save it", **parser)
-    _common(t)
+    _common(t, TRAIN_KINDS)
     t.add_argument("--site", required=True, help="the site to probe, e.g. layers.3")
+    t.add_argument("--heads", type=int, default=4,
+                   help="--kind attention: attention heads (4)")
+    t.add_argument("--epochs", type=int, default=50,
+                   help="--kind attention: training epochs; the best on a validation split "
+                        "is kept (50)")
+    add_progress_flag(t)
     add_out(t, "file", "the probe (.safetensors)")
     add_json_flag(t)
     t.set_defaults(func=run_train)
@@ -83,10 +101,18 @@ def register(sub) -> None:
     c = probe_sub.add_parser("score", help="a saved probe's scores on texts (JSON or CSV)",
                              **parser)
     c.add_argument("probe_file", metavar="PROBE_FILE",
-                   help="a probe file (.safetensors) from `residtap probe train` or save_probe")
+                   help="a probe file (.safetensors) from `residtap probe train` or save_probe "
+                        "(linear or attention), or an SAE folder (SAELens layout)")
     c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_allow_other_weights(c)
     add_data(c, help="the texts: a .jsonl, .json, .csv or .txt file")
+    add_list(c, "--features", item_type=int, default=None,
+             help="with an SAE folder: the feature indices to score (default: all)")
+    c.add_argument("--sae", default=None, metavar="FOLDER",
+                   help="with a probe trained on SAE features: that SAE's folder")
+    c.add_argument("--approximate-topk", action="store_true",
+                   help="with a subset of a TopK SAE's features: read relu(pre-activation) "
+                        "(residtap.sae.features says when it equals TopK)")
     add_positions(c, **POSITION_FORMS, default="the probe's",
                   note="the default is the positions of the store the probe was trained on "
                        "(else last)")
@@ -101,12 +127,14 @@ def register(sub) -> None:
     c.set_defaults(func=run_score)
 
 
-def _common(p) -> None:
+def _common(p, kinds: tuple[str, ...] = SWEEP_KINDS) -> None:
     p.add_argument("store", metavar="STORE", help="a store folder written by `residtap capture`")
     p.add_argument("--label", required=True, help="the sample column holding the labels")
-    p.add_argument("--kind", choices=SWEEP_KINDS, default="auto",
+    p.add_argument("--kind", choices=kinds, default="auto",
                    help="probe kind (auto: ridge for fractional numbers, else logistic or "
-                        "multinomial by the number of classes)")
+                        "multinomial by the number of classes"
+                        + ("; attention: pooled over a text's tokens" if "attention" in kinds
+                           else "") + ")")
     p.add_argument("--split-column", default="split",
                    help="sample column with train/test values ('none': random split by text)")
     p.add_argument("--test-fraction", type=float, default=0.2,
@@ -155,9 +183,19 @@ def run_train(args) -> int:
                          "--out probe.safetensors")
     check_out(out, "file")
     store = Store.open(args.store)
-    probe = train_site_probe(store, args.label, args.site, kind=args.kind,
-                             split_column=_split_column(args),
-                             test_fraction=args.test_fraction, seed=args.seed)
+    if args.kind == "attention":
+        from residtap.probes.attention_store import train_store_attention_probe
+
+        probe = train_store_attention_probe(
+            store, args.label, args.site, split_column=_split_column(args),
+            test_fraction=args.test_fraction, seed=args.seed, n_heads=args.heads,
+            epochs=args.epochs, progress=progress(args))
+    else:
+        probe = train_site_probe(store, args.label, args.site, kind=args.kind,
+                                 split_column=_split_column(args),
+                                 test_fraction=args.test_fraction, seed=args.seed)
+        if isinstance(store.manifest.get("sae"), dict):  # a store of SAE features
+            probe.metadata["sae"] = dict(store.manifest["sae"])
     out.parent.mkdir(parents=True, exist_ok=True)
     save_probe(probe, out)
     summary: dict[str, Any] = {
@@ -177,7 +215,7 @@ def run_train(args) -> int:
 
 
 def run_score(args) -> int:
-    from residtap.probes.files import load_probe
+    from residtap.probes.files import load_any_probe
     from residtap.probes.scoring import agreement, default_positions, score_texts
 
     out = Path(args.out) if args.out else None
@@ -186,18 +224,24 @@ def run_score(args) -> int:
             raise ValueError(f"expected --out to end in .jsonl or .csv, got {str(out)!r}; e.g. "
                              "--out scores.csv")
         check_out(out, "file")
-    load_probe(args.probe_file)  # a damaged file fails before the model loads
+    picks = {"sae": args.sae, "features": args.features,
+             "approximate_topk": args.approximate_topk}
+    load_any_probe(args.probe_file, **picks)  # a damaged file fails before the model loads
     model, tokenizer = load_model_from_args(args)
-    probe = load_probe(args.probe_file, model=model, allow_other_weights=args.allow_other_weights)
+    probe = load_any_probe(args.probe_file, model=model,
+                           allow_other_weights=args.allow_other_weights, **picks)
+    label_column = getattr(getattr(probe, "probe", probe), "label_column", None)
     positions = (default_positions(probe) if args.positions == ["the probe's"]
                  else parse_positions(args.positions, **POSITION_FORMS))
     rows = list(score_texts(model, tokenizer, probe, args.data, positions=positions,
                             batch_size=args.batch_size, max_length=args.max_length,
                             text_column=args.text_column, max_samples=args.max_samples,
                             progress=progress(args)))
-    check = agreement(rows, probe.label_column) if probe.label_column else None
+    check = agreement(rows, label_column) if label_column else None
+    kind = getattr(probe, "kind", None) or ("sae features" if probe.probe is None else
+                                            f"{probe.probe.kind} on SAE features")
     summary: dict[str, Any] = {
-        "probe": str(args.probe_file), "site": probe.site, "kind": getattr(probe, "kind", None),
+        "probe": str(args.probe_file), "site": probe.site, "kind": kind,
         "positions": positions, "texts": len({r["sample"] for r in rows}), "rows": len(rows),
         "agreement": check,
     }
@@ -211,7 +255,7 @@ def run_score(args) -> int:
     shown = rows if out is None else rows[:0]
     if shown:
         cols = [c for c in ("id", "position", "token", "score", "probability", "prediction",
-                            probe.label_column) if c and any(c in r for r in rows)]
+                            label_column) if c and any(c in r for r in rows)]
         table = [{c: _short(r.get(c)) for c in cols} for r in shown[:SHOWN_ROWS]]
         print(format_table(table, cols))
         if len(rows) > SHOWN_ROWS:

@@ -273,38 +273,18 @@ class ProbeBank:
         folder in SAELens's layout (its `features`, or all of them). A probe trained on SAE
         features (from a feature store, residtap.sae.store) needs its SAE: `sae` (an SAE or
         its folder). Recorded model identities are checked now against `model` if given, and
-        in any case at `attach`."""
-        from residtap.probes.files import load_probe
-        from residtap.sae.saelens import CFG_FILE, load_sae
+        in any case at `attach` (residtap.probes.files.load_any_probe)."""
+        from residtap.probes.files import load_any_probe
+        from residtap.sae.features import SAEFeatures
 
-        path = Path(path)
-        if path.is_dir() and (path / CFG_FILE).is_file():
-            loaded = load_sae(path, model=model, allow_other_weights=allow_other_weights)
-            return self.add_sae(loaded, features, name=name or path.name,
-                                approximate_topk=approximate_topk)
-        probe = load_probe(path, model=model, allow_other_weights=allow_other_weights)
-        name = name or path.stem
-        info = probe.metadata.get("sae") if isinstance(probe.metadata, dict) else None
-        if info is None:
-            if sae is not None:
-                raise ValueError(f"{path} is a probe on the residual stream, not on SAE "
-                                 "features; drop sae=")
-            return self.add_probe(probe, name=name)
-        if sae is None:
-            raise ValueError(
-                f"{path} holds a probe trained on {len(info['features'])} features of an SAE at "
-                f"{info['site']!r}; pass that SAE: add_file(path, sae='sae-folder') (CLI: "
-                "--sae FOLDER)")
-        if not isinstance(sae, SAE):
-            sae = load_sae(sae, site=info["site"], model=model,
-                           allow_other_weights=allow_other_weights)
-        if sae.d_sae != info["d_sae"]:
-            raise ValueError(f"{path} was trained on features of an SAE with d_sae="
-                             f"{info['d_sae']}, but the SAE given has d_sae={sae.d_sae}; pass "
-                             "the SAE its feature store was encoded with")
-        return self.add_sae(sae, info["features"], name=name, probe=probe,
-                            approximate_topk=bool(info.get("approximate_topk")),
-                            site=info["site"])
+        got = load_any_probe(path, model=model, allow_other_weights=allow_other_weights, sae=sae,
+                             features=features, approximate_topk=approximate_topk)
+        name = name or Path(path).stem
+        if isinstance(got, SAEFeatures):
+            indices = None if got.all_features else got.indices
+            return self.add_sae(got.sae, indices, name=name, probe=got.probe, site=got.site,
+                                approximate_topk=got.approximate_topk)
+        return self.add_probe(got, name=name)
 
     def _append(self, probe: BankProbe) -> None:
         if any(p.name == probe.name for p in self.probes):

@@ -11,6 +11,10 @@ Layout (format "residtap.probe", format_version 1):
               n_outputs, classes, label_column, threshold, metrics, model (identity or null),
               metadata (training details), residtap_version, and for attention probes position.
 
+`load_any_probe` opens whatever a bank or `residtap probe score` accepts: a probe file (linear or
+attention), an SAE folder (SAELens's layout: its selected features), or a probe trained on SAE
+features (its metadata["sae"] names them; the SAE itself comes from `sae=`).
+
 Loading never unpickles anything, checks every tensor against the metadata (shape, float dtype,
 no NaN/Inf), and raises ValueError naming what is wrong for a file that is not a probe, is
 damaged or was edited. With `model`, the recorded identity must match: the same config and the
@@ -145,13 +149,56 @@ def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None, *,
             **common,
         )
     if model is not None:
-        _check_d_model(probe, model)
-        if probe.model is None:
-            log.warning("%s records no model identity; only d_model was checked", path)
-        else:
-            check_same_model(probe.model, model, "probe",
-                             allow_other_weights=allow_other_weights)
+        _check_model(probe, model, path, allow_other_weights)
     return probe
+
+
+def _check_model(probe: AnyProbe, model: nn.Module, path: Path, allow_other_weights: bool,
+                 d_model: bool = True) -> None:
+    if d_model:
+        _check_d_model(probe, model)
+    if probe.model is None:
+        log.warning("%s records no model identity; only d_model was checked", path)
+    else:
+        check_same_model(probe.model, model, "probe", allow_other_weights=allow_other_weights)
+
+
+def load_any_probe(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+                   allow_other_weights: bool = False, sae: Any = None,
+                   features: Any = None, approximate_topk: bool = False) -> Any:
+    """A Probe, an AttentionProbe, or a residtap.sae.features.SAEFeatures (an SAE folder's
+    `features` (None: all), or a probe file trained on SAE features, folded onto the SAE given
+    as `sae`: an SAE or its folder). Identities are checked against `model` when given."""
+    from residtap.sae.features import SAEFeatures
+    from residtap.sae.model import SAE
+    from residtap.sae.saelens import CFG_FILE, load_sae
+
+    path = Path(path)
+    if path.is_dir() and (path / CFG_FILE).is_file():
+        loaded = load_sae(path, model=model, allow_other_weights=allow_other_weights)
+        return SAEFeatures.select(loaded, features, approximate_topk=approximate_topk)
+    probe = load_probe(path)
+    info = probe.metadata.get("sae")
+    if model is not None:  # a probe on SAE features is as wide as its features, not the site
+        _check_model(probe, model, path, allow_other_weights, d_model=not isinstance(info, dict))
+    if not isinstance(info, dict):
+        if sae is not None or features is not None:
+            raise ValueError(f"{path} is a probe on a site's activations, not on SAE "
+                             "features; drop sae= / features= (--sae, --features)")
+        return probe
+    if sae is None:
+        raise ValueError(
+            f"{path} holds a probe trained on {len(info['features'])} features of an SAE at "
+            f"{info['site']!r}; pass that SAE: sae='sae-folder' (CLI: --sae FOLDER)")
+    if not isinstance(sae, SAE):
+        sae = load_sae(sae, site=info["site"], model=model,
+                       allow_other_weights=allow_other_weights)
+    if sae.d_sae != info["d_sae"]:
+        raise ValueError(f"{path} was trained on features of an SAE with d_sae={info['d_sae']}, "
+                         f"but the SAE given has d_sae={sae.d_sae}; pass the SAE its feature "
+                         "store was encoded with")
+    return SAEFeatures.select(sae, info["features"], probe=probe, site=info["site"],
+                              approximate_topk=bool(info.get("approximate_topk")))
 
 
 def _decode(raw: dict[str, str], path: Path) -> dict[str, Any]:

@@ -12,7 +12,11 @@ follow residtap.positions ("last": each text's last real token, "all": every rea
 indices such as [0, -1]), counted over each text's real tokens, and position ids over the real
 tokens, so a text scores the same whatever it is batched with, and the same as in a store
 written by `residtap capture` (which is how `residtap probe train` trained it). An attention
-probe reads every token of a text and gives one row per text.
+probe reads every token of a text and gives one row per text. SAE features
+(residtap.sae.features.SAEFeatures: an SAE folder's selected features, or a probe folded onto
+them; residtap.probes.files.load_any_probe opens both) score like a linear probe: their
+activations per position (score: a list, one per feature; no prediction), or the folded probe's
+scores and predictions.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ from residtap.inputs import encode, forward_inputs, pad_id_of, pad_left
 from residtap.positions import Positions, check_positions
 from residtap.probes.attention import AttentionProbe
 from residtap.probes.probe import Probe
+from residtap.sae.features import SAEFeatures
 from residtap.store.data import Sample, load_samples
 
+Scorer = Probe | AttentionProbe | SAEFeatures
 
-def default_positions(probe: Probe | AttentionProbe) -> str | list[int]:
+
+def default_positions(probe: Scorer) -> str | list[int]:
     """The positions of the store the probe was trained on (recorded by `probe train`), else
-    "last"; "all" for an attention probe."""
+    "last"; "all" for an attention probe; for SAE features, their folded probe's, else "last"."""
     if isinstance(probe, AttentionProbe):
         return "all"
+    if isinstance(probe, SAEFeatures):
+        return default_positions(probe.probe) if probe.probe is not None else "last"
     recorded = probe.metadata.get("positions")
     if recorded == "last" or recorded == "all":
         return recorded
@@ -48,7 +57,7 @@ def default_positions(probe: Probe | AttentionProbe) -> str | list[int]:
 
 
 def score_texts(
-    model: nn.Module, tokenizer: Any, probe: Probe | AttentionProbe, data: Any, *,
+    model: nn.Module, tokenizer: Any, probe: Scorer, data: Any, *,
     positions: Positions | None = None, batch_size: int = 16, max_length: int | None = None,
     text_column: str = "text", max_samples: int | None = None, progress: bool = False,
 ) -> Iterator[dict[str, Any]]:
@@ -87,7 +96,7 @@ def score_texts(
         bar.close()
 
 
-def _score_batch(model: nn.Module, tokenizer: Any, probe: Probe | AttentionProbe,
+def _score_batch(model: nn.Module, tokenizer: Any, probe: Scorer,
                  batch: list[Sample], positions: Positions, pad: int, max_length: int | None,
                  attention: bool) -> Iterator[dict[str, Any]]:
     seqs = _token_ids(tokenizer, batch, max_length)
@@ -145,12 +154,17 @@ def _token(tokenizer: Any, token_id: int) -> str | None:
     return str(tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
-def _row(probe: Probe | AttentionProbe, sample: Sample, position: int | None,
+def _row(probe: Scorer, sample: Sample, position: int | None,
          token: str | None, score: Tensor) -> dict[str, Any]:
     """The output row of one score: (C,) or () tensor -> plain Python values."""
     score = score.float().cpu()
     row: dict[str, Any] = {"sample": sample.index, "id": sample.id, "position": position,
                            "token": token, "score": _plain(score)}
+    if isinstance(probe, SAEFeatures):
+        if probe.probe is None:  # feature activations: no prediction
+            row["text"] = sample.text
+            return row | {k: v for k, v in sample.meta.items() if k not in row}
+        probe = probe.probe
     kind = getattr(probe, "kind", "attention")
     if kind == "ridge":
         row["prediction"] = _plain(score)

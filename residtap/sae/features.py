@@ -130,13 +130,10 @@ class SAEFeatures:
         return self.sae.encode_features(h, self.indices)
 
     def scores(self, h: Tensor) -> Tensor:
-        """(..., n_outputs): the folded probe's scores on the encoded features, or the feature
-        activations themselves."""
+        """The folded probe's scores on the encoded features ((...,) for one output, else
+        (..., C), as `Probe.scores`), or the feature activations (..., k) themselves."""
         acts = self.encode(h)
-        if self.probe is None:
-            return acts
-        w = self.probe.weight.to(acts)
-        return acts @ w.T + self.probe.bias.to(acts)
+        return acts if self.probe is None else self.probe.scores(acts)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: what a feature store and a folded probe record of these features."""
