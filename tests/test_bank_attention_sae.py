@@ -378,3 +378,70 @@ def test_sae_features_object_refusals():
         SAEFeatures.select(sae, [48])
     with pytest.raises(TypeError, match="expected a residtap.sae.SAE"):
         SAEFeatures.select(object(), [1])
+
+
+def test_on_the_organism_an_attention_probe_exits_early_within_two_points_saving_half(tmp_path):
+    """The organism's early-exit set (residtap/organism/data/early_exit.jsonl): an attention probe
+    trained by residtap's trainer on the set's store (training texts, every token, layers.4)
+    chooses its threshold on training prompts; on the held-out prompts its answer accuracy is
+    within 0.02 of full generation's while it saves at least half of the generated tokens."""
+    from residtap import organism
+    from residtap.inputs import read_jsonl
+    from residtap.probes.attention_store import train_store_attention_probe
+    from residtap.probes.early_exit_curve import compare_exit_curves
+    from residtap.store.extract import extract
+
+    model, tok = organism.load()
+    data = organism.DATA_DIR / "early_exit.jsonl"
+    store = extract(model, tok, data, ["layers.4"], tmp_path / "all", positions="all",
+                    progress=False)
+    probe = train_store_attention_probe(store, "label", "layers.4", progress=False)
+    assert probe.metrics["test"]["accuracy"] > 0.95
+    rows = read_jsonl(data)
+    train = [r for r in rows if r["split"] == "train"][:200]
+    test = [r for r in rows if r["split"] == "test"]
+    bank = ProbeBank().add_probe(probe, name="answer")
+    curves = compare_exit_curves(model, tok, test, {"attention": (bank, "answer")},
+                                 [8.0, 4.0, 2.0, 1.0], classes=("false", "true"), patience=1,
+                                 choose_rows=train)
+    full, chosen = curves["attention"]["curve"][0], curves["attention"]["chosen"]
+    print("attention probe exit curve on the held-out prompts:", curves["attention"]["curve"])
+    assert chosen is not None, curves["attention"]["choice_curve"]
+    assert chosen["accuracy"] >= full["accuracy"] - 0.02, (chosen, full)
+    assert chosen["tokens_saved_frac"] >= 0.5, chosen
+
+
+def test_cost_columns_count_what_the_bank_packs(tmp_path):
+    """residtap.cost.columns: an attention probe is H + H*C columns, an SAE feature 1, a folded
+    probe adds 2kC FLOPs after the matmul; the count equals the rows of the bank's packed
+    weights, site by site, from objects and from files alike."""
+    from residtap.cost import count_columns, estimate_cost
+
+    model = tiny_model("llama", layers=4)
+    bank, attention = mixed_bank()
+    sae = random_sae("standard")
+    probe = Probe("logistic", torch.randn(1, 3), torch.zeros(1), classes=[0, 1],
+                  metadata={"sae": SAEFeatures.select(sae, [1, 2, 3]).describe()})
+    bank.add_sae(sae, [1, 2, 3], name="folded", probe=probe).add_sae(sae, [5, 6], name="raw")
+    count = count_columns([bank])
+    packs = bank.layout(model)[0]
+    assert count.columns == bank.n_columns == sum(p.weight.shape[0] for p in packs)
+    assert count.per_site == {p.site.name: p.weight.shape[0] for p in packs}
+    kinds = {i["name"]: (i["kind"], i["columns"], i["readout_flops"]) for i in count.items}
+    assert kinds["att"] == ("attention", 3 + 3, 8 * 3 + 16 * 3)
+    assert kinds["multi"] == ("attention", 2 + 8, 8 * 2 + 16 * 8)
+    assert kinds["folded"] == ("sae probe", 3, 3 + 2 * 3 * 1)
+    assert kinds["raw"] == ("sae", 2, 2) and kinds["lin"] == ("linear", 1, 0.0)
+
+    att_file = save_probe(attention["multi"], tmp_path / "multi.safetensors")
+    folder = save_sae(sae, tmp_path / "sae")
+    probe_file = save_probe(probe, tmp_path / "folded.safetensors")
+    from_files = count_columns([att_file, folder, probe_file], features=[5, 6])
+    assert [(i["name"], i["columns"]) for i in from_files.items] == [
+        ("multi", 10), ("sae", 2), ("folded", 3)]
+    assert from_files.per_site == {"layers.2": 10, "layers.1": 5}
+    plain = estimate_cost(model.config, n_probes=15, sites=1, positions="generated")
+    more = estimate_cost(model.config, n_probes=15, sites=1, positions="generated",
+                         readout_flops=from_files.readout_flops)
+    assert more.probe_flops - plain.probe_flops == pytest.approx(
+        plain.reads_per_forward * from_files.readout_flops)

@@ -38,9 +38,12 @@ online (DMI-Lib); per-step `.cpu()` copies of hidden states made SGLang's
 `return_hidden_states` 17x slower end to end (https://github.com/sgl-project/sglang/issues/8003).
 
 The package: hardware.py (profiles), shape.py (a config's exact parameter counts, on the meta
-device), roofline.py (the latency model), estimate.py (`estimate_cost`, `CostReport`).
+device), roofline.py (the latency model), estimate.py (`estimate_cost`, `CostReport`),
+columns.py (`count_columns`: the matmul columns of probe files, attention probes and SAE
+features, and what their readout adds after the matmul).
 """
 
+from residtap.cost.columns import ColumnCount, count_columns
 from residtap.cost.estimate import (
     POSITIONS,
     VERDICT_BANDS,
@@ -56,12 +59,14 @@ from residtap.cost.shape import ModelShape, load_config, meta_model, model_shape
 
 __all__ = [
     "HARDWARE",
+    "ColumnCount",
     "POSITIONS",
     "VERDICT_BANDS",
     "CostReport",
     "Hardware",
     "ModelShape",
     "Positions",
+    "count_columns",
     "estimate_cost",
     "hardware_profile",
     "latency",

@@ -140,9 +140,13 @@ def estimate_cost(
     probe_bias: bool = True,
     attention_flops: bool = True,
     hardware: str | Hardware = "h100",
+    readout_flops: float = 0.0,
 ) -> CostReport:
     """Predict the arithmetic, bytes and latency overhead of `n_probes` linear probes at each
-    of `sites` ('one', 'all' = every decoder layer, or a count), reading `positions`."""
+    of `sites` ('one', 'all' = every decoder layer, or a count), reading `positions`.
+    Attention probes and SAE features count as their matmul columns (n_probes: columns per
+    site; residtap.cost.columns counts them), plus `readout_flops` per token read: what their
+    readout does after the matmul (summed over sites)."""
     cfg, name = load_config(config)
     shape = model_shape(cfg)
     hw = hardware_profile(hardware)
@@ -162,7 +166,7 @@ def estimate_cost(
     dense = 2 * ((shape.active_matmul_params - shape.unembedding_params) * tokens
                  + shape.unembedding_params * unembedded)  # fmt: skip
     attention = 4 * shape.d_attn * b * sum(keys) / n_forwards if attention_flops else 0.0
-    probe_flops = reads * k * (2 * d + (1 if probe_bias else 0))
+    probe_flops = reads * (k * (2 * d + (1 if probe_bias else 0)) + readout_flops)
 
     weight_bytes = shape.matmul_params * dtype_bytes
     kv_per_key = 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes
