@@ -6,8 +6,9 @@
 Stages, each from real runs (nothing here is a placeholder):
   1. capture   every layer at each text's last token into an on-disk store, per labelled set
   2. probes    one probe per layer and latent, held-out accuracy by layer
-  3. runtime   the truth probe packed into a ProbeBank reading during generation, and early
-               exit driven by it: tokens saved against answer accuracy
+  3. runtime   early exit driven by probes read during generation: a linear probe, an
+               attention probe and a probe on SAE features, each packed into a ProbeBank;
+               tokens saved against answer accuracy, side by side
   4. lens      a logit lens of one generation, captured in the generate pass, decoded after
   5. steering  a mood vector from contrastive pairs, its per-example steerability slopes
                against a random direction of equal norm, and steered generations
@@ -30,11 +31,11 @@ from tqdm.auto import tqdm
 
 from residtap.inputs import read_jsonl
 from residtap.lens import run_lens, train_tuned_lens
-from residtap.probes.bank import ProbeBank
 from residtap.report.page import Figure, Link, Report, Section
 from residtap.sites import layer_sites
 from residtap.steering import SteeringVector, steerability
 from residtap.store.extract import extract
+from residtap.store.reader import Store
 from residtap.version import __version__
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class DemoInputs:
     labelled: {name: JSONL path} in the labelled-texts schema ({"text", "label", "split"}).
     truth: the name in `labelled` whose probe drives early exit (binary, read where the
     answer is settled but not yet written); early_exit: a JSONL of statements whose answer
-    comes after filler ({"text", "answer", "filler_start"}).
+    comes after filler ({"text", "answer", "filler_start"}). sae: an SAE folder whose
+    `sae_features` (None: all) feed the third early-exit probe.
     pairs / ab: JSONL of {"positive", "negative"} / CAA {"question", "answer_matching_behavior",
     "answer_not_matching_behavior"}; lens_prompts and steer_prompts: short prompts."""
 
@@ -63,21 +65,24 @@ class DemoInputs:
     steer_prompts: Sequence[str] = ()
     classes: tuple[str, str] = ("false", "true")
     steer_site: str | None = None  # default: the middle layer, where steering usually works
+    sae: Path | None = None
+    sae_features: Sequence[int] | None = None
 
     @classmethod
     def organism(cls, path: str | Path | None = None) -> DemoInputs:
         from residtap import organism
 
         model, tok = organism.load(path=path)
-        data = organism.DATA_DIR
+        data, sae = organism.DATA_DIR, Path(organism.__file__).parent / "sae"
+        found = json.loads((sae / "cfg.json").read_text())["residtap"]["latent_features"]
+        features = [f["feature"] for fs in found["early_exit"].values() for f in fs]
         return cls(
             model=model, tokenizer=tok, name="residtap organism",
             labelled={k: data / f"{k}.jsonl" for k in ("mood", "topic", "truth", "early_exit")},
             pairs=data / "mood_pairs.jsonl", ab=data / "mood_ab.jsonl", truth="early_exit",
             early_exit=data / "early_exit.jsonl",
             lens_prompts=["i feel happy , and then the band"],
-            steer_prompts=["the fog", "i feel sad , and then the"],
-        )
+            steer_prompts=["the fog", "i feel sad , and then the"], sae=sae, sae_features=features)
 
 
 def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
@@ -99,7 +104,8 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
             sweeps, section = _probes(inputs, out, max_samples, progress)
             summary["probes"] = {k: _sweep_summary(s) for k, s in sweeps.items()}
         elif stage == "runtime probes":
-            summary["early_exit"], section = _early_exit(inputs, sweeps, out)
+            part, section = _early_exit(inputs, sweeps, out)
+            summary.update(part or {})  # early_exit: the linear probe's curve; _by_probe: all
         elif stage == "logit lens":
             summary["lens"], section = _lens(inputs, out)
         elif stage == "steering":
@@ -176,56 +182,59 @@ def _threshold_label(threshold: float | None) -> str:
 
 
 def _early_exit(inputs: DemoInputs, sweeps: dict, out: Path):
-    from residtap.probes.early_exit_curve import early_exit_curve
+    from residtap.probes.early_exit_curve import compare_exit_curves, exit_probes
     from residtap.report.plots import line_png
+    from residtap.sae import load_sae
 
     if inputs.truth is None or inputs.early_exit is None or inputs.truth not in sweeps:
         return None, None
-    truth = sweeps[inputs.truth]
-    probe = truth.probes[truth.best_site]
-    bank = ProbeBank().add_probe(probe, name="truth")
-    rows = [r for r in read_jsonl(inputs.early_exit) if r.get("split") == "test"]
-    prompts = [" ".join(r["text"].split()[:r["filler_start"]]) for r in rows]
-    labels = [r["answer"] for r in rows]
-    thresholds = [8.0, 6.0, 4.0, 2.0]
-    curve = early_exit_curve(inputs.model, inputs.tokenizer, prompts, labels, bank, "truth",
-                             thresholds, classes=inputs.classes, patience=1, max_new_tokens=12)
-    x = [_threshold_label(c["threshold"]) for c in curve]
-    png = line_png(out / "early_exit.png", x, {
-        "answer accuracy": [c["accuracy"] for c in curve],
-        "tokens saved (fraction)": [c["tokens_saved_frac"] for c in curve],
-    }, xlabel="probe threshold (|logit|); off = full generation", ylabel="fraction",
-        title="Early exit driven by the truth probe")
-    table = [{"probe threshold (|logit|)": label, "answer accuracy": c["accuracy"],
-              "new tokens per row": c["tokens"], "tokens saved": _pct(c["tokens_saved_frac"], 0),
-              "rows stopped by the probe": _pct(c["stopped_frac"], 0)}
-             for label, c in zip(x, curve, strict=True)]
-    full, best = curve[0], _best_exit(curve)
-    if best is None:
-        outcome = "no threshold saves tokens without losing more than 0.02 accuracy"
-    else:
-        outcome = (f"at |logit| > {_threshold_label(best['threshold'])} it saves "
-                   f"{_pct(best['tokens_saved_frac'], 0)} of the generated tokens at accuracy "
-                   f"{best['accuracy']:.2f}")
-    lead = (f"Answer accuracy against generated tokens saved when the truth probe may stop "
-            f"generation early: {outcome}, against accuracy {full['accuracy']:.2f} with full "
-            "generation ('off').")
-    text = (f"The truth probe ({truth.best_site}) was packed into a ProbeBank: one matmul per "
-            "site, scores written into a preallocated buffer during generate. Generation of "
-            f"{len(prompts)} held-out statements starts at the first filler word; a row stops as "
-            "soon as the probe's |score| passes the threshold and answers with the probe's "
-            "class. 'off' is full generation, where the model writes its own verdict.")
-    return curve, Section(
-        "Runtime probes and early exit", lead=lead, text=text, table=table,
-        figures=[Figure(png, "Answer accuracy and the fraction of generated tokens saved, by "
-                             "threshold; 'off' is full generation.", id="early-exit")])
+    site, model = sweeps[inputs.truth].best_site, inputs.model
+    sae = load_sae(inputs.sae, model=model) if inputs.sae is not None else None
+    banks = exit_probes(model, inputs.tokenizer, inputs.labelled[inputs.truth], site,
+                        out / "early-exit", sae=sae, features=inputs.sae_features,
+                        approximate_topk=inputs.sae_features is not None,
+                        store_last=Store.open(out / f"store-{inputs.truth}"))
+    rows = read_jsonl(inputs.early_exit)
+    test = [r for r in rows if r.get("split") == "test"]
+    curves = compare_exit_curves(model, inputs.tokenizer, test, banks, [8.0, 6.0, 4.0, 2.0, 1.0],
+                                 classes=inputs.classes, patience=1, max_new_tokens=12,
+                                 choose_rows=[r for r in rows if r.get("split") == "train"][:200])
+    x = [_threshold_label(c["threshold"]) for c in curves["linear"]["curve"]]
+    series = {f"{kind} {what}": [c[key] for c in v["curve"]] for kind, v in curves.items()
+              for what, key in (("accuracy", "accuracy"), ("tokens saved", "tokens_saved_frac"))}
+    png = line_png(out / "early_exit.png", x, series, xlabel="probe threshold (|logit|); off = "
+                   "full generation", ylabel="fraction (dashed: tokens saved)",
+                   title="Early exit by probe kind", dashed=[k for k in series if "saved" in k])
+    table = [{"probe threshold (|logit|)": label} | {
+        f"{kind} {what}": fmt(v["curve"][i]) for kind, v in curves.items()
+        for what, fmt in (("accuracy", lambda c: round(c["accuracy"], 3)),
+                          ("saved", lambda c: _pct(c["tokens_saved_frac"], 0)))}
+        for i, label in enumerate(x)]
+    picks = "; ".join(_exit_pick(kind, v["chosen"]) for kind, v in curves.items())
+    lead = (f"Tokens saved and answer accuracy when a probe may stop generation early, at the "
+            f"threshold each probe chose on the training split: {picks}; full generation "
+            f"answers with accuracy {curves['linear']['curve'][0]['accuracy']:.2f}.")
+    text = ("Probes trained on the training texts (ending on the last filler word), each packed "
+            f"into a ProbeBank read during generate: a logistic probe at {site} on the last "
+            f"token; an attention probe at {site} over every token (after each generated token "
+            "it pools the whole prefix)" + ("" if sae is None else "; a logistic probe on "
+            f"{len(inputs.sae_features or []) or 'all'} SAE features at {sae.site}, folded into "
+            "the bank (a matmul column per feature, the activation, one small matmul)")
+            + f". Generation of {len(test)} held-out statements starts at the first filler word;"
+            " a row stops once the probe's |score| passes the threshold and answers with the "
+            "probe's class ('off': full generation, the model writes its verdict). Thresholds "
+            "were chosen on the training split: the most tokens saved within 0.02 of full "
+            "generation's accuracy there.")
+    return {"early_exit": curves["linear"]["curve"], "early_exit_by_probe": curves}, \
+        Section("Runtime probes and early exit", lead=lead, text=text, table=table,
+                figures=[Figure(png, "Answer accuracy and tokens saved by threshold and probe "
+                                     "kind; 'off' is full generation.", id="early-exit")])
 
 
-def _best_exit(curve: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The threshold saving the most tokens within 0.02 of full generation's accuracy."""
-    good = [c for c in curve[1:] if c["accuracy"] >= curve[0]["accuracy"] - 0.02
-            and c["tokens_saved_frac"] > 0]
-    return max(good, key=lambda c: c["tokens_saved_frac"]) if good else None
+def _exit_pick(kind: str, c: dict[str, Any] | None) -> str:
+    return f"{kind}: no threshold qualified" if c is None else (
+        f"{kind} saves {_pct(c['tokens_saved_frac'], 0)} at accuracy {c['accuracy']:.2f} "
+        f"(|logit| > {_threshold_label(c['threshold'])})")
 
 
 # -- 4: logit lens ---------------------------------------------------------------------------
@@ -338,15 +347,12 @@ def _format_generations(gens: list[dict[str, Any]]) -> str:
 
 # -- 6: cost ---------------------------------------------------------------------------------
 def _cost(inputs: DemoInputs, sweeps: dict, out: Path):
+    from residtap.benchmark.reference import random_bank
     from residtap.cost import estimate_cost
 
     model, tok = inputs.model, inputs.tokenizer
     n_layers = len(layer_sites(model))
-    bank = ProbeBank()
-    d = model.config.hidden_size
-    gen = torch.Generator().manual_seed(0)
-    for site in layer_sites(model):  # 100 probes per layer, as a monitor would run
-        bank.add(f"p-{site}", torch.randn(100, d, generator=gen), torch.zeros(100), site=site)
+    bank = random_bank(model, 100, "all")  # 100 probes per layer, as a monitor would run
     prompt = list(inputs.lens_prompts[:1]) or ["hello"]
     batch = tok(prompt * 8, return_tensors="pt", padding=True)
     new = 32
