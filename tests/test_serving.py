@@ -591,3 +591,14 @@ def test_serve_refuses_a_transformers_whose_continuous_batching_it_cannot_read(
     assert err.startswith("residtap serve: error: residtap's serving adapter reads "
                           "transformers' continuous batching as laid out in transformers")
     assert "FutureRequestState" in err and "Install transformers>=" in err
+
+
+@needs_cb
+def test_probes_at_logits_are_refused(parts):
+    model = parts[0]
+    manager = model.init_continuous_batching(
+        generation_config=_generation_config(4),
+        continuous_batching_config=cb.serving_config(**SIZES))
+    bank = ProbeBank().add("vocab", torch.randn(1, model.config.vocab_size), site="logits")
+    with pytest.raises(ValueError, match="logits only for the rows that pick a token"):
+        attach(manager, bank=bank)

@@ -16,19 +16,22 @@ One tap block (residtap.engine) on the manager's model, opened with any_thread=T
 manager runs forwards on its own thread). Before each forward the block's on_forward asks the
 adapter (transformers_cb.py) for the forward's PackedLayout, puts it on `step.packed` and
 plans the forward from host-side ints; inside the forward the taps use only tensors:
-- probe scores: at each site of the bank, one `F.linear` of the packed probes
-  (probes/bank_layout.py) over the rows that pick a new token of requests that asked for
-  scores; token k's score is read at the row that picks token k (the bank's "generated").
+- probe scores: token k's score is read at the row that picks token k (the bank's
+  "generated"), for requests that asked for scores or early exit. A tap at each site of the
+  bank keeps a reference to the site's output (no tensor op: the model never writes into it
+  again, as the bank's deferred readout relies on too); at the end of the forward, one
+  `F.linear` per site of the packed probes (probes/bank_layout.py) over those rows.
 - steering: at each steered site one writer adds strength * vector to every row of each
   steered request (prompt and generated: the steer(...) default positions="all"), through
   torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
   Writers run before readers at a site: probes and capture see the steered stream.
 - capture: the rows of requests that asked for it, at the sites given to attach.
 - end of forward (a reader at the `logits` site, the last thing the forward runs): when some
-  request of this forward is scored, the one host read of the forward, (R, P); each row goes
-  to its request id and token index, and an early-exit rule that crosses its threshold ends
-  the request after this token (transformers_cb.finish_after: the manager's own finish, tokens
-  kept). A forward with no scored request reads nothing back.
+  request of this forward is scored, the packed matmuls, then the forward's one host read:
+  the (R, U) scores of the U columns its requests asked for. Each row goes to its request id
+  and token index, and an early-exit rule that crosses its threshold ends the request after
+  this token (transformers_cb.finish_after: the manager's own finish, tokens kept). A forward
+  with no scored request computes and reads nothing.
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ class _Plan:
     layout: PackedLayout
     states: dict[str, Any]
     scored: list[tuple[Segment, RequestSpec]]  # the rows read back, in order
-    rows: Tensor | None  # (R,) long: their rows in the forward
+    rows: Tensor | None  # (R,) long: their rows in the forward; None: every row, in order
+    columns: Tensor | None  # (U,) long: the score columns read back
+    slot: dict[int, int]  # score column -> its place among them
+    outputs: list[Tensor | None]  # per bank site: its (N, d) output, once the site has run
     steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
     steer_sites: frozenset[Site]
     capture: list[tuple[Segment, RequestSpec]]
@@ -103,7 +109,7 @@ class ServingRun(TapBlock):
         self._records: dict[str, RequestRecord] = {}
         self._lock = threading.Lock()
         self._plan: _Plan | None = None
-        self._scores: Tensor | None = None  # (R_max, P) float32, grown as needed
+        self._column_index: dict[tuple[int, ...], Tensor] = {}
         self.forwards = 0  # packed forwards seen
         self.host_reads = 0  # forwards whose scores were read back
         with cb.paused(manager):  # resolving sites may run residtap's validation forward
@@ -117,8 +123,9 @@ class ServingRun(TapBlock):
         taps: dict[Site, list] = {}
         for site, writer in writers.items():
             taps.setdefault(site, []).append(writer)
-        for pack in packs:
-            taps.setdefault(pack.site, []).append(_ScoreTap(self, pack))
+        self.packs = packs
+        for i, pack in enumerate(packs):
+            taps.setdefault(pack.site, []).append(_ScoreTap(self, i))
         for name, site in capture_sites.items():
             taps.setdefault(site, []).append(_CaptureTap(self, name))
         taps.setdefault(end, []).append(self._end_of_forward)
@@ -212,8 +219,11 @@ class ServingRun(TapBlock):
         pairs = [(seg, self._specs.get(seg.request_id, NOTHING)) for seg in layout.segments]
         specs = [s for _, s in pairs]
         scored = [(seg, s) for seg, s in pairs if s.scored and seg.token >= 0]
+        every = len(scored) == layout.rows  # decode only, every request scored: all rows
         rows = (torch.tensor([seg.last_row for seg, _ in scored], device=self.device)
-                if scored else None)
+                if scored and not every else None)
+        wanted = sorted({c for _, s in scored for c in s.read_columns})
+        columns = self._columns(tuple(wanted)) if scored else None
         steer, sites = None, frozenset()
         if any(s.steered for s in specs):
             K = self.n_vectors
@@ -225,7 +235,17 @@ class ServingRun(TapBlock):
             sites = frozenset(site for site, writer in self._writers.items()
                               if any(k < K and writer.here[k] for k in picks))
         capture = [(seg, s) for seg, s in pairs if s.capture]
-        self._plan = _Plan(layout, states, scored, rows, steer, sites, capture)
+        self._plan = _Plan(layout, states, scored, rows, columns,
+                           {c: j for j, c in enumerate(wanted)}, [None] * len(self.packs),
+                           steer, sites, capture)
+
+    def _columns(self, wanted: tuple[int, ...]) -> Tensor:
+        found = self._column_index.get(wanted)
+        if found is None:
+            if len(self._column_index) > 256:
+                self._column_index.clear()
+            found = self._column_index[wanted] = torch.tensor(wanted, device=self.device)
+        return found
 
     def _rows(self, hidden: Tensor, plan: _Plan) -> Tensor:
         """The forward's (N, d) rows of a site's (1, N, d) tensor."""
@@ -235,17 +255,17 @@ class ServingRun(TapBlock):
                                f"{plan.layout.rows}, d)")
         return hidden[0]
 
-    def _buffer(self, R: int, P: int) -> Tensor:
-        if self._scores is None or self._scores.shape[0] < R:
-            self._scores = torch.zeros(max(R, 8), P, dtype=torch.float32, device=self.device)
-        return self._scores
-
     def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
         plan, self._plan = self._plan, None
-        if plan is None or plan.rows is None:
+        if plan is None or not plan.scored:
             return None
+        per_site = []
+        for pack, out in zip(self.packs, plan.outputs, strict=True):
+            chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
+            per_site.append(F.linear(chosen, pack.weight, pack.bias))  # (R, P_site)
+        scores = torch.cat(per_site, dim=1) if len(per_site) > 1 else per_site[0]  # (R, P)
+        host = scores.index_select(1, plan.columns).float().tolist()  # the one host read
         self.host_reads += 1
-        host = self._scores[: len(plan.scored)].cpu()  # (R, P): this forward's one host read
         for r, (seg, spec) in enumerate(plan.scored):
             record = self._records.get(seg.request_id)
             if record is None:
@@ -256,9 +276,9 @@ class ServingRun(TapBlock):
                                    "forward's layout and the request's tokens disagree")
             del record.scores[seg.token:]  # a soft-reset request re-prefills its tokens
             row = host[r]
-            record.scores.append([float(row[c]) for c in spec.columns])
+            record.scores.append([row[plan.slot[c]] for c in spec.columns])
             if spec.exit_column is not None and record.exit_token is None:
-                score = float(row[spec.exit_column])
+                score = row[plan.slot[spec.exit_column]]
                 if spec.crosses(score):
                     record.exit_token, record.exit_score = seg.token, score
                     cb.finish_after(plan.states[seg.request_id], seg.token + 1)
@@ -266,20 +286,15 @@ class ServingRun(TapBlock):
 
 
 class _ScoreTap:
-    """Reader: the packed probes of one site over the forward's scored rows."""
+    """Reader: keeps bank site i's output for the end of the forward (no tensor op here)."""
 
-    def __init__(self, run: ServingRun, pack: SitePack) -> None:
-        self.run, self.pack = run, pack
+    def __init__(self, run: ServingRun, index: int) -> None:
+        self.run, self.index = run, index
 
     def __call__(self, hidden: Tensor, step: Step) -> None:
         plan = self.run._plan
-        if plan is None or plan.rows is None:
-            return None
-        chosen = self.run._rows(hidden, plan).index_select(0, plan.rows)  # (R, d)
-        pack = self.pack
-        buffer = self.run._buffer(len(plan.scored), self.run.n_columns)
-        buffer[: len(plan.scored), pack.start:pack.stop] = F.linear(chosen, pack.weight,
-                                                                     pack.bias)  # (R, P_site)
+        if plan is not None and plan.scored:
+            plan.outputs[self.index] = self.run._rows(hidden, plan)  # (N, d)
         return None
 
 
@@ -344,6 +359,11 @@ def _packs(bank: Any, model: Any, arch: Arch | None, allow_other_weights: bool
             check_same_model(p.model, model, f"probe {p.name!r}",
                              allow_other_weights=allow_other_weights)
     packs, columns, probe_columns, _ = bank.layout(model, arch)
+    for pack in packs:
+        if pack.site.field is not None:
+            raise ValueError(f"probes at {pack.site.name!r} cannot be served: under continuous "
+                             "batching the model computes logits only for the rows that pick "
+                             "a token; probe 'norm' (the final norm's output) instead")
     return packs, columns, probe_columns
 
 

@@ -44,6 +44,13 @@ class RequestSpec:
         return bool(self.columns) or self.exit_column is not None
 
     @property
+    def read_columns(self) -> tuple[int, ...]:
+        """The columns read back for this request: its scores and its early-exit column."""
+        if self.exit_column is None or self.exit_column in self.columns:
+            return self.columns
+        return (*self.columns, self.exit_column)
+
+    @property
     def steered(self) -> bool:
         return self.vector is not None and self.strength != 0.0
 
