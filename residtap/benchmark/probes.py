@@ -124,7 +124,7 @@ def time_variant(model: nn.Module, variant: str, bank: ProbeBank | None, ids: Te
             "tap_seconds": run.tap_seconds}
 
 
-def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
     if len(xs) == 1:
         return xs[0], xs[0], xs[0]
     q = statistics.quantiles(xs, n=4, method="inclusive")
@@ -151,7 +151,7 @@ def _bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
         bank.layout(model)  # pack once, outside the timings (attach reuses it)
     g = torch.Generator().manual_seed(cfg.seed)
     times: dict[tuple, list[dict[str, float]]] = {}
-    bar = _progress(len(cfg.batches) * cfg.repeats, progress)
+    bar = progress_bar(len(cfg.batches) * cfg.repeats, progress)
     with torch.no_grad():
         for B in cfg.batches:
             ids = torch.randint(3, cfg.vocab, (B, cfg.prompt_len), generator=g)
@@ -198,7 +198,7 @@ def _summarise(cfg, times, banks, fwd_flops, d) -> list[dict[str, Any]]:
             for v in VARIANTS:
                 ts = times[(B, n, scope, v)]
                 over = [100 * (t["seconds"] / t["base"] - 1) for t in ts]
-                lo, med, hi = _quantiles(over)
+                lo, med, hi = quartiles(over)
                 row[f"{v}_tok_s"] = B * cfg.new_tokens / statistics.median(
                     [t["seconds"] for t in ts])
                 row[f"{v}_overhead_pct"], row[f"{v}_spread_pct"] = med, [lo, hi]
@@ -297,7 +297,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm

@@ -1,4 +1,7 @@
-"""`residtap bench probes`: what reading probes during generate costs, measured side by side.
+"""`residtap bench probes|readouts`: what reading probes during generate costs, measured side by
+side.
+
+`probes`:
 
 Without options it runs the reference configuration (a random 8-layer Llama, d_model 512;
 about 10-20 min on 2 CPU cores); `--quick` runs a tiny one in seconds. The benchmark itself is
@@ -11,9 +14,16 @@ paired medians of ABBA blocks; `handlers` is the time inside residtap's hooks
 (residtap.engine.timing), `tap body` the bank's own code.
 `--compile` adds compiled plain forwards (torch.compile, fullgraph) with and without the bank.
 
+`readouts`: attention probes and SAE features (residtap.benchmark.readouts): a bank of
+attention probes and a bank of 100 SAE features at the middle layer, read every step and with
+defer=16, against the baseline in ABBA blocks, on the organism (its own SAE) or the reference
+model (a random 4096-feature SAE). Targets: overhead <= 3%, handlers <= 2%.
+
 examples:
   residtap bench probes --quick
   residtap bench probes --quick --batch 1,4 --probes 1 --probes 50 --out bench/ --json
+  residtap bench readouts --quick
+  residtap bench readouts --model organism --batch 1 --repeats 1 --new-tokens 8 --out bench/
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from residtap.benchmark import BenchConfig, bench_probes
+from residtap.benchmark.readouts import ReadoutConfig, bench_readouts
 from residtap.cli.common import (
     add_json_flag,
     add_list,
@@ -44,14 +55,7 @@ COLUMNS = ["batch", "scope", "probes", "baseline_tok_s", "naive_tok_s", "packed_
 
 
 def format_report(result: dict[str, Any]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return str(v)
-
-    rows = [{k: fmt(r[k]) for k in COLUMNS} for r in result["rows"]]
+    rows = [{k: _fmt(r[k]) for k in COLUMNS} for r in result["rows"]]
     text = format_table(rows, COLUMNS)
     for c in result.get("compiled", []):
         extra = f", overhead {c['overhead_pct']:.2f}%" if "overhead_pct" in c else ""
@@ -125,6 +129,64 @@ def register(subparsers) -> None:
     add_progress_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+    r = sub.add_parser("readouts", help="attention probes and SAE features vs baseline during "
+                                        "generate", **command_help(__doc__))
+    r.add_argument("--model", choices=("organism", "reference"), default="organism",
+                   help="the bundled model (its SAE) or the random reference Llama (a random "
+                        "SAE of --d-sae features) (default organism)")
+    r.add_argument("--quick", action="store_true", help="a tiny model, few repeats (for tests)")
+    add_list(r, "--batch", item_type=int, nargs="+",
+             help="batch sizes, space- or comma-separated or repeated (default 1 8)")
+    r.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
+    r.add_argument("--new-tokens", type=int, help="tokens generated per call (default 64)")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    r.add_argument("--sae-features", type=int, help="SAE features in the bank (default 100)")
+    r.add_argument("--d-sae", type=int, help="the reference model's random SAE width (4096)")
+    add_out(r, "folder", "bench_readouts_<model>.json and .txt", required=False)
+    add_progress_flag(r)
+    add_json_flag(r)
+    r.set_defaults(func=run_readouts)
+
+
+READOUT_COLUMNS = ["model", "batch", "bank", "mode", "columns", "baseline_tok_s",
+                   "overhead_pct", "spread_pct", "handler_pct", "tap_body_pct", "pass_overhead",
+                   "pass_handlers"]
+
+
+def run_readouts(args: argparse.Namespace) -> int:
+    cfg = ReadoutConfig.quick() if args.quick else ReadoutConfig(model=args.model)
+    overrides = {"batches": args.batch, "repeats": args.repeats, "new_tokens": args.new_tokens,
+                 "threads": args.threads, "sae_features": args.sae_features,
+                 "reference_d_sae": args.d_sae}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+    for name in ("repeats", "new_tokens", "sae_features", "reference_d_sae"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    check_out(args.out, "folder")
+    result = bench_readouts(cfg, progress=progress(args))
+    text = format_table([{k: _fmt(r[k]) for k in READOUT_COLUMNS} for r in result["rows"]],
+                        READOUT_COLUMNS)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"bench_readouts_{cfg.model}.json").write_text(json.dumps(result, indent=2))
+        (out / f"bench_readouts_{cfg.model}.txt").write_text(text + "\n")
+    if args.json:
+        emit_json(result)
+    else:
+        print(text)
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
 
 
 def _scope(text: str) -> str:

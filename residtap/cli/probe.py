@@ -21,10 +21,11 @@ examples:
   residtap probe score mood-probe.safetensors organism --data organism:mood --out scores.csv
   residtap probe score mood-probe.safetensors organism --data organism:mood --max-samples 3 --json
   residtap capture organism --data organism:early_exit --sites layers.4 --positions all \
-      --out acts-all/
+      --max-samples 200 --out acts-all/
   residtap probe train acts-all/ --label label --site layers.4 --kind attention --heads 4 \
-      --out answer.safetensors
-  residtap probe score residtap/organism/sae organism --data organism:mood --features 222,21 \
+      --epochs 10 --out answer.safetensors
+  residtap probe score answer.safetensors organism --data organism:early_exit --max-samples 3
+  residtap probe score organism:sae organism --data organism:mood --features 222,21 \
       --max-samples 2
 """
 
@@ -102,7 +103,8 @@ def register(sub) -> None:
                              **parser)
     c.add_argument("probe_file", metavar="PROBE_FILE",
                    help="a probe file (.safetensors) from `residtap probe train` or save_probe "
-                        "(linear or attention), or an SAE folder (SAELens layout)")
+                        "(linear or attention), or an SAE folder (SAELens layout; organism:sae "
+                        "is the organism's)")
     c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_allow_other_weights(c)
     add_data(c, help="the texts: a .jsonl, .json, .csv or .txt file")
@@ -224,12 +226,13 @@ def run_score(args) -> int:
             raise ValueError(f"expected --out to end in .jsonl or .csv, got {str(out)!r}; e.g. "
                              "--out scores.csv")
         check_out(out, "file")
-    picks = {"sae": args.sae, "features": args.features,
+    path = _bundled(args.probe_file)
+    picks = {"sae": _bundled(args.sae) if args.sae else None, "features": args.features,
              "approximate_topk": args.approximate_topk}
-    load_any_probe(args.probe_file, **picks)  # a damaged file fails before the model loads
+    load_any_probe(path, **picks)  # a damaged file fails before the model loads
     model, tokenizer = load_model_from_args(args)
-    probe = load_any_probe(args.probe_file, model=model,
-                           allow_other_weights=args.allow_other_weights, **picks)
+    probe = load_any_probe(path, model=model, allow_other_weights=args.allow_other_weights,
+                           **picks)
     label_column = getattr(getattr(probe, "probe", probe), "label_column", None)
     positions = (default_positions(probe) if args.positions == ["the probe's"]
                  else parse_positions(args.positions, **POSITION_FORMS))
@@ -267,6 +270,15 @@ def run_score(args) -> int:
     if out is not None:
         print(f"wrote {out}")
     return 0
+
+
+def _bundled(value: str) -> str:
+    """`organism:sae` -> the organism's SAE folder; anything else as given."""
+    if value == "organism:sae":
+        from residtap.organism import DATA_DIR
+
+        return str(DATA_DIR.parent / "sae")
+    return value
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:

@@ -25,7 +25,10 @@ and the running weighted values, kept as log-sums of their positive and negative
 chosen because a chunk of T tokens (a prefill) then gets the exact prefix value after every one
 of its tokens from three `logcumsumexp` over time, with no Python loop and no loss when logits
 inside a chunk differ by hundreds (where a shared reference maximum would underflow). The score
-is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|.
+is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|. A one-token
+update (a decode step) adds one term to each log-sum with `logaddexp`, about half the kernels
+of the chunk path; when every probe has the same heads and outputs, the sum over heads is a
+reshape, not an `index_add`.
 
 Padding: invalid tokens (the `valid` mask: left padding, rows that stopped) get logit -inf, so
 they never enter the softmax and do not advance the position counter; a row that has seen no
@@ -219,6 +222,13 @@ class AttentionStream:
         self.log_pos = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
         self.log_neg = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
         self.count = torch.zeros(batch_size, dtype=dtype, device=device)  # valid tokens seen
+        # one value column per head (every probe has one output): no gather needed
+        self._one_value_per_head = V == G and bool(
+            (pack.value_head.cpu() == torch.arange(G)).all())
+        # every probe with the same heads H and outputs C: the value columns are (P, H, C) and
+        # the outputs a sum over H (a reshape instead of index_add)
+        shapes = {(p.n_heads, p.n_outputs) for p in pack.probes}
+        self._uniform = (len(pack.probes), *shapes.pop()) if len(shapes) == 1 else None
 
     def __repr__(self) -> str:
         return (f"AttentionStream({self.pack.names}, batch_size={self.batch_size}, "
@@ -245,6 +255,8 @@ class AttentionStream:
                              f"{tuple(valid.shape)}")
         valid = valid.to(torch.bool)
         proj = proj.to(self.log_den.dtype)
+        if proj.shape[1] == 1:  # a decode step: the same sums, fewer kernels
+            return self._update_one(proj[:, 0], valid[:, 0])[:, None]
         keep = valid[..., None]  # (B, T, 1)
         index = self.count[:, None] + valid.cumsum(1).to(proj.dtype) - 1  # (B, T) among valid
         z = proj[..., :G] + index[..., None] * self.slope  # (B, T, G) attention logits
@@ -262,16 +274,34 @@ class AttentionStream:
         self.count.add_(valid.sum(1).to(self.count.dtype))
         return self._scores(den, pos, neg)
 
+    def _update_one(self, proj: Tensor, valid: Tensor) -> Tensor:
+        """One token per row: proj (B, K), valid (B,) -> scores (B, O). The state's log-sums
+        each gain one term (logaddexp); z is -inf for an invalid token, so every term it
+        adds is exp(-inf) = 0."""
+        G = self.pack.n_heads
+        z = torch.addcmul(proj[:, :G], self.count[:, None], self.slope)  # (B, G): index = count
+        z = torch.where(valid[:, None], z, -math.inf)
+        v = proj[:, G:]  # (B, V)
+        z_v = z if self._one_value_per_head else z.index_select(1, self.value_head)
+        self.log_den.copy_(torch.logaddexp(self.log_den, z))
+        self.log_pos.copy_(torch.logaddexp(self.log_pos, z_v + v.clamp(min=0).log()))
+        self.log_neg.copy_(torch.logaddexp(self.log_neg, z_v + (-v).clamp(min=0).log()))
+        self.count.add_(valid.to(self.count.dtype))
+        return self.current()
+
     def current(self) -> Tensor:
         """(B, O): each row's scores after all tokens fed so far (0 where none was valid)."""
         return self._scores(self.log_den[:, None], self.log_pos[:, None],
                             self.log_neg[:, None])[:, 0]
 
     def _scores(self, den: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        """(B, T, O) from log-sums den (B, T, G), pos and neg (B, T, V)."""
-        den_v = den.index_select(2, self.value_head)  # (B, T, V)
-        seen = den_v > -math.inf
-        den_v = torch.where(seen, den_v, 0.0)
-        per_value = torch.where(seen, (pos - den_v).exp() - (neg - den_v).exp(), 0.0)
-        out = per_value.new_zeros(*per_value.shape[:2], self.pack.n_outputs)  # (B, T, O)
+        """(B, T, O) from log-sums den (B, T, G), pos and neg (B, T, V). Where a row has seen
+        no valid token every log-sum is -inf, the differences NaN, and the score 0."""
+        den_v = den if self._one_value_per_head else den.index_select(2, self.value_head)
+        per_value = torch.nan_to_num((pos - den_v).exp() - (neg - den_v).exp(), nan=0.0)
+        B, T = per_value.shape[:2]
+        if self._uniform is not None:  # (B, T, P, H, C) summed over heads
+            P, H, C = self._uniform
+            return per_value.reshape(B, T, P, H, C).sum(3).reshape(B, T, P * C)
+        out = per_value.new_zeros(B, T, self.pack.n_outputs)  # (B, T, O)
         return out.index_add(2, self.value_output, per_value)
