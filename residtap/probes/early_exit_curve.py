@@ -7,23 +7,35 @@ several side by side.
     best_exit(curve)                          # the threshold saving most within 0.02 accuracy
     curves = compare_exit_curves(model, tok, test_rows, {"linear": (bank, "truth"), ...},
                                  [8, 4, 2], classes=("false", "true"), choose_rows=train_rows)
+    banks = exit_probes(model, tok, "early_exit.jsonl", "layers.4", "work/", sae=sae)
 
 Any bank column can drive the exit: a linear probe, an attention probe (pooled over the whole
 prefix after each token) or SAE features / a probe folded on them (residtap.probes.
 bank_readouts). `compare_exit_curves` measures each probe on the same prompts, and picks each
 probe's threshold on other rows (`choose_rows`, e.g. the training split) so that the chosen
 point on the measured curve is an honest estimate, not the best of several tries on it.
+`exit_probes` trains the three kinds side by side on one labelled set (what the demo shows).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from residtap.probes.attention_store import train_store_attention_probe
+from residtap.probes.bank import ProbeBank
+from residtap.probes.sweep import train_site_probe
+from residtap.sae.model import SAE
+from residtap.sae.store import encode_store, train_feature_probe
+from residtap.store.extract import extract
+from residtap.store.reader import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,41 @@ def best_exit(curve: Sequence[Mapping[str, Any]], tolerance: float = 0.02
     good = [c for c in curve[1:] if c["accuracy"] >= curve[0]["accuracy"] - tolerance
             and c["tokens_saved_frac"] > 0]
     return max(good, key=lambda c: c["tokens_saved_frac"]) if good else None
+
+
+def exit_probes(model: nn.Module, tokenizer: Any, data: Any, site: str,
+                out: str | os.PathLike, *, sae: SAE | None = None,
+                features: Sequence[int] | None = None, approximate_topk: bool = False,
+                label: str = "label", store_last: Store | None = None,
+                ) -> dict[str, tuple[ProbeBank, str]]:
+    """Probes of three kinds trained on the same labelled texts (data: a JSONL path or rows with
+    "text", `label` and "split"), each alone in a bank under the name "exit":
+        linear     a logistic probe at `site` on each text's last token
+        attention  residtap's attention probe at `site` over every token of each text
+        sae        (with `sae`) a logistic probe on `features` of the SAE (at its site, last
+                   token; None: all), folded into the bank (residtap.sae.features)
+    Stores go under `out`; `store_last` (positions "last", holding `site` and the SAE's site)
+    is reused instead of capturing one. Returns {kind: (bank, "exit")} for compare_exit_curves.
+    """
+    out = Path(out)
+    sites = [site] + ([sae.site] if sae is not None and sae.site != site else [])
+    if store_last is None or any(s not in store_last.sites for s in sites):
+        store_last = extract(model, tokenizer, data, sites, out / "store-last", positions="last",
+                             overwrite=True, progress=False)
+    store_all = extract(model, tokenizer, data, [site], out / "store-all", positions="all",
+                        overwrite=True, progress=False)
+    banks = {
+        "linear": ProbeBank().add_probe(train_site_probe(store_last, label, site), name="exit"),
+        "attention": ProbeBank().add_probe(
+            train_store_attention_probe(store_all, label, site, progress=False), name="exit"),
+    }
+    if sae is not None:
+        feats = encode_store(store_last, sae, out / "store-sae", features=features,
+                             approximate_topk=approximate_topk, overwrite=True, progress=False)
+        probe = train_feature_probe(feats, label)
+        banks["sae"] = ProbeBank().add_sae(sae, features, probe=probe, name="exit",
+                                           approximate_topk=approximate_topk)
+    return {kind: (bank, "exit") for kind, bank in banks.items()}
 
 
 def compare_exit_curves(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]],
