@@ -32,6 +32,7 @@ from typing import Any
 from residtap.cli.common import (
     MODEL_HELP,
     add_allow_other_weights,
+    add_list,
     add_model_flags,
     command_help,
     load_model_from_args,
@@ -47,12 +48,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible server with probes, steering "
                               "and early exit per request", **command_help(__doc__))
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--probe", action="append", type=_named_file, default=[],
-                   metavar="NAME=FILE", help="a probe file (residtap probe train), served as "
-                   "NAME; repeat for more")
-    p.add_argument("--vector", action="append", type=_named_file, default=[],
-                   metavar="NAME=FILE", help="a steering vector file (residtap steer make), "
-                   "served as NAME; repeat for more")
+    add_list(p, "--probe", item_type=named_file, default=[], metavar="NAME=FILE",
+             help="a probe file (residtap probe train), served as NAME")
+    add_list(p, "--vector", item_type=named_file, default=[], metavar="NAME=FILE",
+             help="a steering vector file (residtap steer make), served as NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -76,12 +75,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _named_file(text: str) -> tuple[str, Path]:
+def named_file(text: str) -> tuple[str, Path]:
+    """'mood=mood.safetensors' -> ('mood', Path('mood.safetensors'))."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE (e.g. mood=mood.safetensors), "
-                                         f"got {text!r}")
+        raise ValueError(text)
     return name, Path(path)
+
+
+named_file.__name__ = "NAME=FILE"  # the list action's error: "expected NAME=FILE values, got"
 
 
 def make_app(args: argparse.Namespace) -> tuple[Any, str]:
