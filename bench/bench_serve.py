@@ -13,16 +13,18 @@ the scores back to the host once; "plain" gets the same requests without the ext
 Both generate the same tokens.
 
 N clients (asyncio + httpx, one process, apart from the servers) send completions back to
-back, the same requests to both servers, max(N, W) of them per window (W = 48 for the organism,
-8 for the reference model; N = 32 sends 64 and 32): the organism gets real texts (2-16 words)
+back, the same requests to both servers (WINDOW below: how many per window, by model and N):
+the organism gets real texts (2-16 words)
 and 48 new tokens, the reference model (residtap.benchmark.reference_model, random, vocab
 32000) token-id prompts of 8-24 tokens and 64 new tokens, so both servers generate the same
 tokens. Windows alternate between the two servers (plain first in even repeats, probes first
 in odd ones) and are repeated; throughput is generated tokens / the window's wall time,
-latency is per request (end to end).
+latency is per request (end to end). Each server's CPU time (user + system, all threads, from
+/proc) over its windows is reported too: on a shared machine it moves far less than wall time.
 Reported: median tokens/s over repeats, p50 / p99 latency over all requests, the cost (median
-over repeats of 1 - probes/plain, paired within a repeat), and the share of the probes
-server's wall time spent inside residtap's handlers (engine.timing, from /metrics).
+over repeats of 1 - probes/plain, paired within a repeat), the CPU cost (probes' server CPU
+seconds per token over plain's, all repeats), and the share of the probes server's wall time
+spent inside residtap's handlers (engine.timing, from /metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,11 +94,18 @@ def prompts(model_name: str, count: int) -> list[Any]:
     return [[rng.randrange(3, 32000) for _ in range(rng.randint(8, 24))] for _ in range(count)]
 
 
-WINDOW = {"organism": 48, "reference": 8}
+WINDOW = {("organism", 1): 48, ("organism", 8): 192, ("organism", 32): 384,
+          ("reference", 1): 6, ("reference", 8): 16, ("reference", 32): 32}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def window(base: str, model_name: str, asks: list[str] | None, clients: int,
-                 total: int, prompt_list: list[Any]) -> dict[str, Any]:
+                 total: int, prompt_list: list[Any], pid: int) -> dict[str, Any]:
     import httpx
 
     new_tokens = 48 if model_name == "organism" else 64
@@ -103,6 +113,7 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
     tokens = 0
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
         before = await metrics(http, base)
+        cpu0 = cpu_seconds(pid)
         start = time.perf_counter()
 
         async def client(k: int) -> None:
@@ -120,10 +131,11 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
 
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
+        cpu = cpu_seconds(pid) - cpu0
         after = await metrics(http, base)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     return {"tokens": tokens, "requests": len(latencies), "wall": wall,
-            "tok_s": tokens / wall, "latencies": latencies,
+            "tok_s": tokens / wall, "latencies": latencies, "cpu": cpu,
             "handler_s": delta.get("residtap_handler_seconds_total", 0.0),
             "forwards": delta.get("residtap_forwards_total", 0.0),
             "score_reads": delta.get("residtap_score_reads_total", 0.0)}
@@ -187,23 +199,24 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
         prompt_list = prompts(model_name, 4096)
         for v in servers:  # warm-up, not counted
             asyncio.run(window(bases[v], model_name, asks if v == "probes" else None, 8, 8,
-                               prompt_list))
+                               prompt_list, procs[v].pid))
         runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
         for r in range(args.repeats):
             for clients in args.clients:
                 order = ["plain", "probes"] if r % 2 == 0 else ["probes", "plain"]
                 for v in order:
-                    total = max(clients, WINDOW[model_name]) * (2 if clients > 8 and
-                                                                model_name == "organism" else 1)
+                    total = WINDOW.get((model_name, clients), max(clients, 16))
                     res = asyncio.run(window(bases[v], model_name,
                                              asks if v == "probes" else None, clients, total,
-                                             prompt_list))
+                                             prompt_list, procs[v].pid))
                     runs.setdefault((clients, v), []).append(res)
                     print(f"{model_name} N={clients} repeat {r} {v}: {res['tok_s']:.1f} tok/s, "
                           f"{res['requests']} requests", flush=True)
         for clients in args.clients:
             plain, probed = runs[(clients, "plain")], runs[(clients, "probes")]
             costs = [1 - b["tok_s"] / a["tok_s"] for a, b in zip(plain, probed, strict=True)]
+            per_token = {v: sum(r["cpu"] for r in res) / sum(r["tokens"] for r in res)
+                         for v, res in (("plain", plain), ("probes", probed))}
             for v, res in (("plain", plain), ("probes", probed)):
                 lat = [x for run in res for x in run["latencies"]]
                 wall = sum(run["wall"] for run in res)
@@ -215,6 +228,9 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
                     "requests": len(lat),
                     "cost": statistics.median(costs) if v == "probes" else None,
                     "cost_runs": [round(c, 4) for c in costs] if v == "probes" else None,
+                    "cpu_ms_per_token": 1000 * per_token[v],
+                    "cpu_cost": per_token["probes"] / per_token["plain"] - 1
+                    if v == "probes" else None,
                     "handler_share": sum(run["handler_s"] for run in res) / wall,
                     "forwards": sum(run["forwards"] for run in res),
                     "score_reads": sum(run["score_reads"] for run in res),
@@ -228,14 +244,16 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | clients | variant | tok/s (median) | p50 ms | p99 ms | cost, median "
-             "[min, max] | in residtap's handlers |", "|---|---|---|---|---|---|---|---|"]
+             "[min, max] | server CPU ms/token | CPU cost | in residtap's handlers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cost = ("" if row["cost"] is None else f"{100 * row['cost']:+.2f}% "
                 f"[{100 * min(row['cost_runs']):+.1f}, {100 * max(row['cost_runs']):+.1f}]")
         share = "" if row["variant"] == "plain" else f"{100 * row['handler_share']:.2f}%"
+        cpu_cost = "" if row["cpu_cost"] is None else f"{100 * row['cpu_cost']:+.2f}%"
         lines.append(f"| {row['model']} | {row['clients']} | {row['variant']} | "
                      f"{row['tok_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {cost} | "
-                     f"{share} |")
+                     f"{row['cpu_ms_per_token']:.2f} | {cpu_cost} | {share} |")
     return "\n".join(lines)
 
 
@@ -251,6 +269,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one server
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if args.serve:
         serve(args.serve, args.probes, args.port, args.threads)
         return
