@@ -132,9 +132,9 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("readouts", help="attention probes and SAE features vs baseline during "
                                         "generate", **command_help(__doc__))
-    r.add_argument("--model", choices=("organism", "reference"), default="organism",
-                   help="the bundled model (its SAE) or the random reference Llama (a random "
-                        "SAE of --d-sae features) (default organism)")
+    r.add_argument("--model", dest="which", choices=("organism", "reference"),
+                   default="organism", help="the bundled model (its SAE) or the random "
+                   "reference Llama (a random SAE of --d-sae features) (default organism)")
     r.add_argument("--quick", action="store_true", help="a tiny model, few repeats (for tests)")
     add_list(r, "--batch", item_type=int, nargs="+",
              help="batch sizes, space- or comma-separated or repeated (default 1 8)")
@@ -155,7 +155,7 @@ READOUT_COLUMNS = ["model", "batch", "bank", "mode", "columns", "baseline_tok_s"
 
 
 def run_readouts(args: argparse.Namespace) -> int:
-    cfg = ReadoutConfig.quick() if args.quick else ReadoutConfig(model=args.model)
+    cfg = ReadoutConfig.quick() if args.quick else ReadoutConfig(model=args.which)
     overrides = {"batches": args.batch, "repeats": args.repeats, "new_tokens": args.new_tokens,
                  "threads": args.threads, "sae_features": args.sae_features,
                  "reference_d_sae": args.d_sae}

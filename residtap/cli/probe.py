@@ -26,7 +26,7 @@ examples:
       --epochs 10 --out answer.safetensors
   residtap probe score answer.safetensors organism --data organism:early_exit --max-samples 3
   residtap probe score organism:sae organism --data organism:mood --features 222,21 \
-      --max-samples 2
+      --approximate-topk --max-samples 2
 """
 
 from __future__ import annotations
