@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..artefacts import check_finite, check_out_file, read_safetensors
+from ..artefacts import check_finite, check_out_file, read_safetensors, write_artefact
 from ..identity import check_same_model, model_identity
-from ..version import __version__
 from .attention import AttentionProbe
 from .probe import Probe
 
@@ -57,7 +55,8 @@ def save_probe(
 ) -> Path:
     """Write `probe` to `path` (a .safetensors file). With `model`, record that model's identity
     (checked against the probe's d_model). Returns the path. A path that cannot be written (a
-    folder, a file where a folder should be, read-only) is a ValueError before anything else."""
+    folder, a file where a folder should be, read-only) is a ValueError before anything else;
+    the file is written atomically (residtap.artefacts.write_artefact)."""
     if not isinstance(probe, (Probe, AttentionProbe)):
         raise TypeError(f"expected a Probe or AttentionProbe, got {type(probe).__name__}")
     check_out_file(Path(path))
@@ -75,8 +74,6 @@ def save_probe(
     else:
         tensors = {"weight": probe.weight, "bias": probe.bias}
     meta: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "kind": probe.kind,
         "site": probe.site,
         "d_model": probe.d_model,
@@ -87,17 +84,12 @@ def save_probe(
         "metrics": probe.metrics,
         "model": identity,
         "metadata": probe.metadata,
-        "residtap_version": __version__,
     }
     if isinstance(probe, AttentionProbe):
         meta["position"] = probe.position
-    path = Path(path)
-    save_file(
-        {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-        str(path),
-        metadata={key: json.dumps(_plain(value), default=str) for key, value in meta.items()},
-    )
-    return path
+    fields = {key: _plain(value) for key, value in meta.items()}
+    return write_artefact(path, FORMAT, FORMAT_VERSION,
+                          {name: t.detach().cpu() for name, t in tensors.items()}, fields)
 
 
 def load_probe(path: str | os.PathLike[str], model: nn.Module | None = None, *,
