@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,14 +92,14 @@ def run_demo(inputs: DemoInputs, out: str | Path, *, max_samples: int = 600,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = ["capture + probes", "runtime probes", "logit lens", "steering", "cost"]
-    bar = tqdm(stages, desc="residtap demo", unit="stage", disable=not progress)
     summary: dict[str, Any] = {"model": inputs.name}
     report = Report(f"residtap demo — {inputs.name}",
                     subtitle=f"torch {torch.__version__}, residtap {__version__}")
     t0 = time.perf_counter()
     sweeps = {}
-    for stage in bar:
-        bar.set_postfix_str(stage)
+    for i, stage in enumerate(stages, 1):
+        if progress:  # one line per stage and one bar at a time: no nested bars in a log
+            tqdm.write(f"residtap demo [{i}/{len(stages)}] {stage}", file=sys.stderr)
         t = time.perf_counter()
         if stage == "capture + probes":
             sweeps, section = _probes(inputs, out, max_samples, progress)
