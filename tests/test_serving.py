@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -602,3 +603,46 @@ def test_probes_at_logits_are_refused(parts):
     bank = ProbeBank().add("vocab", torch.randn(1, model.config.vocab_size), site="logits")
     with pytest.raises(ValueError, match="logits only for the rows that pick a token"):
         attach(manager, bank=bank)
+
+
+@needs_cb
+def test_sae_features_are_served_and_attention_probes_refused():
+    """The organism's TopK SAE, all its features (exact TopK) in the bank: every served request's
+    feature activations equal its prompt generated alone with the same bank on `generate`.
+    An attention probe (its pooling state would have to follow a request) is refused."""
+    from residtap.probes.attention import AttentionProbe
+    from residtap.sae import load_sae
+
+    model, tok = organism.load()  # its own copy: the module's server holds taps on parts[0]
+    sae = load_sae(Path(organism.__file__).parent / "sae", model=model)
+    bank = ProbeBank().add_sae(sae, name="sae")
+    prompts, n = _prompts(tok, 3), 6
+    manager = model.init_continuous_batching(
+        generation_config=_generation_config(n),
+        continuous_batching_config=cb.serving_config(**SIZES))
+    run = attach(manager, bank=bank)
+    with run:
+        rids = [run.add_request(p, max_new_tokens=n, probes=["sae"]) for p in prompts]
+        out = _run_to_end(manager, rids)
+    for rid, p in zip(rids, prompts, strict=True):
+        with bank.attach(model, max_tokens=n) as alone_run:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=EOS, pad_token_id=0)
+        assert out[rid].generated_tokens == ids[0, len(p):].tolist()
+        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
+        assert set(mine) == set(theirs) and len(mine) == sae.d_sae
+        active = sum(int((theirs[c] > 0).sum()) for c in theirs)
+        assert active >= n * sae.k // 2  # TopK: features really fire, and must match
+        for column in theirs:
+            assert close(mine[column], theirs[column]), column
+
+    g = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    probe = AttentionProbe(query=torch.randn(2, d, generator=g), position_weight=torch.zeros(2),
+                           value=torch.randn(2, 1, d, generator=g), bias=torch.zeros(1),
+                           classes=[0, 1], site="layers.3")
+    manager = model.init_continuous_batching(
+        generation_config=_generation_config(4),
+        continuous_batching_config=cb.serving_config(**SIZES))
+    with pytest.raises(ValueError, match=r"attention probes \['att'\] cannot be served"):
+        attach(manager, bank=ProbeBank().add_probe(probe, name="att"))

@@ -20,7 +20,10 @@ plans the forward from host-side ints; inside the forward the taps use only tens
   "generated"), for requests that asked for scores or early exit. A tap at each site of the
   bank keeps a reference to the site's output (no tensor op: the model never writes into it
   again, as the bank's deferred readout relies on too); at the end of the forward, one
-  `F.linear` per site of the packed probes (probes/bank_layout.py) over those rows.
+  `F.linear` per site of the packed probes (probes/bank_layout.py) over those rows; SAE
+  feature columns then go through their activation (and folded probe) row by row
+  (bank_readouts.site_scores). Attention probes are refused: their pooling state would have
+  to follow each request across steps, which this run does not keep.
 - steering: at each steered site one writer adds strength * vector to every row of each
   steered request (prompt and generated: the steer(...) default positions="all"), through
   torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
@@ -51,6 +54,7 @@ from residtap.engine import Step, TapBlock
 from residtap.identity import check_same_model
 from residtap.inputs import device_of
 from residtap.probes.bank_layout import SitePack
+from residtap.probes.bank_readouts import AttentionReadout, site_scores
 from residtap.serving import transformers_cb as cb
 from residtap.serving.layout import PackedLayout, Segment
 from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
@@ -262,7 +266,11 @@ class ServingRun(TapBlock):
         per_site = []
         for pack, out in zip(self.packs, plan.outputs, strict=True):
             chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
-            per_site.append(F.linear(chosen, pack.weight, pack.bias))  # (R, P_site)
+            proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
+            if pack.segments:  # SAE features: the activation (and a folded probe) per row
+                proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
+                                   proj.dtype)[0]  # (R, P_site)
+            per_site.append(proj)  # (R, P_site)
         scores = torch.cat(per_site, dim=1) if len(per_site) > 1 else per_site[0]  # (R, P)
         host = scores.index_select(1, plan.columns).float().tolist()  # the one host read
         self.host_reads += 1
@@ -360,6 +368,12 @@ def _packs(bank: Any, model: Any, arch: Arch | None, allow_other_weights: bool
                              allow_other_weights=allow_other_weights)
     packs, columns, probe_columns, _ = bank.layout(model, arch)
     for pack in packs:
+        if pack.streams:
+            names = [p.name for p in bank.probes if isinstance(p.readout, AttentionReadout)]
+            raise ValueError(f"attention probes {names} cannot be served yet: each needs its "
+                             "pooling state carried across a request's steps, which the "
+                             "serving run does not keep; serve linear probes or SAE features, "
+                             "or run attention probes with ProbeBank.attach on generate")
         if pack.site.field is not None:
             raise ValueError(f"probes at {pack.site.name!r} cannot be served: under continuous "
                              "batching the model computes logits only for the rows that pick "
