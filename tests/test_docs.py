@@ -37,6 +37,12 @@ class Block:
     def skip_reason(self) -> str | None:
         if "torchrun" in self.code or "residtap.distributed" in self.code:
             return "needs several processes (torchrun): tests/test_distributed.py runs them"
+        if "residtap.serving" in self.code:
+            from residtap.serving import transformers_cb
+
+            reason = transformers_cb.unsupported_reason()
+            if reason is not None:  # the serving tests skip alike; `residtap serve` refuses
+                return f"serving needs transformers' continuous batching: {reason}"
         if self.language == "bash" and re.search(r"^\s*make\b", self.code, re.M):
             return ("`make` runs the install script and the whole suite (which holds this "
                     "test); CI runs it")
