@@ -113,7 +113,7 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
     tokens = 0
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
         before = await metrics(http, base)
-        cpu0 = cpu_seconds(pid)
+        cpu0, client0 = cpu_seconds(pid), time.process_time()
         start = time.perf_counter()
 
         async def client(k: int) -> None:
@@ -131,11 +131,12 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
 
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
-        cpu = cpu_seconds(pid) - cpu0
+        cpu, client = cpu_seconds(pid) - cpu0, time.process_time() - client0
         after = await metrics(http, base)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     return {"tokens": tokens, "requests": len(latencies), "wall": wall,
             "tok_s": tokens / wall, "latencies": latencies, "cpu": cpu,
+            "client_cpu": client,
             "handler_s": delta.get("residtap_handler_seconds_total", 0.0),
             "forwards": delta.get("residtap_forwards_total", 0.0),
             "score_reads": delta.get("residtap_score_reads_total", 0.0)}
@@ -189,7 +190,9 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
     asks = [p.name for p in random_bank(model, -(-args.probes // layers), "all").probes
             [:: max(1, args.probes // PROBES_ASKED)]][:PROBES_ASKED]
     del model
-    servers = {"plain": (port, 0), "probes": (port + 1, args.probes)}
+    servers = {"plain": (port, 0), "probes": (port + 1, 0 if args.control else args.probes)}
+    if args.control:  # an A/A run: the second server is plain too and asks nothing
+        asks = None
     procs = {v: start_server(model_name, n, p, args.threads) for v, (p, n) in servers.items()}
     bases = {v: f"http://127.0.0.1:{p}" for v, (p, _) in servers.items()}
     rows: list[dict[str, Any]] = []
@@ -229,6 +232,8 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
                     "cost": statistics.median(costs) if v == "probes" else None,
                     "cost_runs": [round(c, 4) for c in costs] if v == "probes" else None,
                     "cpu_ms_per_token": 1000 * per_token[v],
+                    "client_cpu_ms_per_token": 1000 * sum(r["client_cpu"] for r in res)
+                    / sum(r["tokens"] for r in res),
                     "cpu_cost": per_token["probes"] / per_token["plain"] - 1
                     if v == "probes" else None,
                     "handler_share": sum(run["handler_s"] for run in res) / wall,
@@ -244,8 +249,9 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | clients | variant | tok/s (median) | p50 ms | p99 ms | cost, median "
-             "[min, max] | server CPU ms/token | CPU cost | in residtap's handlers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "[min, max] | server CPU ms/token | CPU cost | client CPU ms/token | in "
+             "residtap's handlers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cost = ("" if row["cost"] is None else f"{100 * row['cost']:+.2f}% "
                 f"[{100 * min(row['cost_runs']):+.1f}, {100 * max(row['cost_runs']):+.1f}]")
@@ -253,7 +259,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         cpu_cost = "" if row["cpu_cost"] is None else f"{100 * row['cpu_cost']:+.2f}%"
         lines.append(f"| {row['model']} | {row['clients']} | {row['variant']} | "
                      f"{row['tok_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {cost} | "
-                     f"{row['cpu_ms_per_token']:.2f} | {cpu_cost} | {share} |")
+                     f"{row['cpu_ms_per_token']:.2f} | {cpu_cost} | "
+                     f"{row['client_cpu_ms_per_token']:.3f} | {share} |")
     return "\n".join(lines)
 
 
@@ -265,6 +272,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--probes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
+    p.add_argument("--control", action="store_true", help="A/A: the 'probes' server gets no "
+                   "bank and its requests ask nothing (the cost column is then the noise)")
     p.add_argument("--port", type=int, default=8750)
     p.add_argument("--out", type=Path)
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one server

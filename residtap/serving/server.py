@@ -259,8 +259,9 @@ def build_app(model: Any, tokenizer: Any, **backend: Any) -> FastAPI:
             return JSONResponse(protocol.error_body(str(err), kind="server_error"), status)
         _count(b, last)
         usage = _usage(prompt, last.tokens)
-        return protocol.completion_body(ask, rid, b.text(last.tokens), b.finish_reason(last, n),
-                                        usage, _extension(spec, last.tokens, last, 0))
+        return JSONResponse(protocol.completion_body(  # a plain dict: no jsonable_encoder pass
+            ask, rid, b.text(last.tokens), b.finish_reason(last, n), usage,
+            _extension(spec, last.tokens, last, 0)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
