@@ -29,6 +29,7 @@ import importlib.util
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -131,14 +132,21 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def bench_probes(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-ready dict (rows, config, environment)."""
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to `n` inside the block, restored after it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(n)
     try:
-        return _bench(cfg, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def bench_probes(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict (rows, config, environment)."""
+    with torch_threads(cfg.threads):
+        return _bench(cfg, progress)
 
 
 def _bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from residtap.benchmark.probes import progress_bar, quartiles, time_variant
+from residtap.benchmark.probes import progress_bar, quartiles, time_variant, torch_threads
 from residtap.benchmark.reference import reference_model
 from residtap.probes.attention import AttentionProbe
 from residtap.probes.bank import ProbeBank
@@ -121,12 +121,8 @@ def readout_banks(model: nn.Module, sae: SAE, cfg: ReadoutConfig) -> dict[str, P
 
 def bench_readouts(cfg: ReadoutConfig, progress: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (rows, config, environment)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _bench(cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _bench(cfg: ReadoutConfig, progress: bool) -> dict[str, Any]:
