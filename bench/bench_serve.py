@@ -1,7 +1,7 @@
 """Load bench: `residtap serve` with 1000 packed probes vs the same server with nothing attached.
 
     python bench/bench_serve.py [--models organism reference] [--clients 1 8 32] [--repeats 3]
-                                [--threads 1] [--out bench/results]
+                                [--threads 1] [--control] [--out bench/results]
 
 For each model two servers run side by side, each in its own process on its own copy of the
 same weights (transformers' continuous batching, greedy, the CPU paged-cache sizes of
@@ -20,7 +20,10 @@ and 48 new tokens, the reference model (residtap.benchmark.reference_model, rand
 tokens. Windows alternate between the two servers (plain first in even repeats, probes first
 in odd ones) and are repeated; throughput is generated tokens / the window's wall time,
 latency is per request (end to end). Each server's CPU time (user + system, all threads, from
-/proc) over its windows is reported too: on a shared machine it moves far less than wall time.
+/proc) over its windows is reported too: on a shared machine it moves far less than wall time;
+so are its generation thread's share of it (the forwards and residtap's taps, apart from HTTP)
+and the clients' own CPU. `--control` makes the second server plain too and its requests ask
+nothing (an A/A run: its "cost" is this bench's noise).
 Reported: median tokens/s over repeats, p50 / p99 latency over all requests, the cost (median
 over repeats of 1 - probes/plain, paired within a repeat), the CPU cost (probes' server CPU
 seconds per token over plain's, all repeats), and the share of the probes server's wall time
@@ -100,8 +103,24 @@ WINDOW = {("organism", 1): 48, ("organism", 8): 192, ("organism", 32): 384,
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _ticks(Path(f"/proc/{pid}/stat")) / os.sysconf("SC_CLK_TCK")
+
+
+def loop_thread(pid: int) -> Path:
+    """/proc's entry of the server's generation thread (transformers' _run_generation_loop: the
+    forwards and residtap's taps): its busiest thread other than the main (HTTP) one. Python
+    does not name OS threads, so CPU time is what tells them apart."""
+    tasks = [t for t in Path(f"/proc/{pid}/task").iterdir() if t.name != str(pid)]
+    return max(tasks, key=lambda t: _ticks(t / "stat")) / "stat"
+
+
+def loop_cpu_seconds(stat: Path) -> float:
+    return _ticks(stat) / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(stat: Path) -> int:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 async def window(base: str, model_name: str, asks: list[str] | None, clients: int,
@@ -113,7 +132,8 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
     tokens = 0
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
         before = await metrics(http, base)
-        cpu0, client0 = cpu_seconds(pid), time.process_time()
+        stat = loop_thread(pid)
+        cpu0, loop0, client0 = cpu_seconds(pid), loop_cpu_seconds(stat), time.process_time()
         start = time.perf_counter()
 
         async def client(k: int) -> None:
@@ -132,11 +152,12 @@ async def window(base: str, model_name: str, asks: list[str] | None, clients: in
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
         cpu, client = cpu_seconds(pid) - cpu0, time.process_time() - client0
+        loop = loop_cpu_seconds(stat) - loop0
         after = await metrics(http, base)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     return {"tokens": tokens, "requests": len(latencies), "wall": wall,
             "tok_s": tokens / wall, "latencies": latencies, "cpu": cpu,
-            "client_cpu": client,
+            "client_cpu": client, "loop_cpu": loop,
             "handler_s": delta.get("residtap_handler_seconds_total", 0.0),
             "forwards": delta.get("residtap_forwards_total", 0.0),
             "score_reads": delta.get("residtap_score_reads_total", 0.0)}
@@ -234,6 +255,8 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
                     "cpu_ms_per_token": 1000 * per_token[v],
                     "client_cpu_ms_per_token": 1000 * sum(r["client_cpu"] for r in res)
                     / sum(r["tokens"] for r in res),
+                    "loop_cpu_ms_per_token": 1000 * sum(r["loop_cpu"] for r in res)
+                    / sum(r["tokens"] for r in res),
                     "cpu_cost": per_token["probes"] / per_token["plain"] - 1
                     if v == "probes" else None,
                     "handler_share": sum(run["handler_s"] for run in res) / wall,
@@ -249,9 +272,9 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | clients | variant | tok/s (median) | p50 ms | p99 ms | cost, median "
-             "[min, max] | server CPU ms/token | CPU cost | client CPU ms/token | in "
-             "residtap's handlers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "[min, max] | server CPU ms/token | CPU cost | of which generation thread | "
+             "client CPU ms/token | in residtap's handlers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cost = ("" if row["cost"] is None else f"{100 * row['cost']:+.2f}% "
                 f"[{100 * min(row['cost_runs']):+.1f}, {100 * max(row['cost_runs']):+.1f}]")
@@ -260,6 +283,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {row['model']} | {row['clients']} | {row['variant']} | "
                      f"{row['tok_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {cost} | "
                      f"{row['cpu_ms_per_token']:.2f} | {cpu_cost} | "
+                     f"{row['loop_cpu_ms_per_token']:.2f} | "
                      f"{row['client_cpu_ms_per_token']:.3f} | {share} |")
     return "\n".join(lines)
 
