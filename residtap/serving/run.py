@@ -18,12 +18,12 @@ adapter (transformers_cb.py) for the forward's PackedLayout, puts it on `step.pa
 plans the forward from host-side ints; inside the forward the taps use only tensors:
 - probe scores: token k's score is read at the row that picks token k (the bank's
   "generated"), for requests that asked for scores or early exit. A tap at each site of the
-  bank keeps a reference to the site's output (no tensor op: the model never writes into it
-  again, as the bank's deferred readout relies on too); at the end of the forward, one
-  `F.linear` per site of the packed probes (probes/bank_layout.py) over those rows; SAE
+  bank runs one `F.linear` of the packed probes (probes/bank_layout.py) over those rows; SAE
   feature columns then go through their activation (and folded probe) row by row
-  (bank_readouts.site_scores). Attention probes are refused: their pooling state would have
-  to follow each request across steps, which this run does not keep.
+  (bank_readouts.site_scores). (Keeping each site's whole output for one matmul pass at the
+  end of the forward measured the same time in the taps but ~3% more CPU in the model's own
+  ops: held outputs cannot be reused by the allocator.) Attention probes are refused: their
+  pooling state would have to follow each request across steps, which this run does not keep.
 - steering: at each steered site one writer adds strength * vector to every row of each
   steered request (prompt and generated: the steer(...) default positions="all"), through
   torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
@@ -87,7 +87,7 @@ class _Plan:
     rows: Tensor | None  # (R,) long: their rows in the forward; None: every row, in order
     columns: Tensor | None  # (U,) long: the score columns read back
     slot: dict[int, int]  # score column -> its place among them
-    outputs: list[Tensor | None]  # per bank site: its (N, d) output, once the site has run
+    outputs: list[Tensor | None]  # per bank site: its (R, P_site) scores, once it has run
     steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
     steer_sites: frozenset[Site]
     capture: list[tuple[Segment, RequestSpec]]
@@ -260,18 +260,21 @@ class ServingRun(TapBlock):
                                f"{plan.layout.rows}, d)")
         return hidden[0]
 
+    def site_scores(self, pack: SitePack, out: Tensor, plan: _Plan) -> Tensor:
+        """(R, P_site) scores of one bank site for the forward's scored rows, from its (N, d)
+        output."""
+        chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
+        proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
+        if pack.segments:  # SAE features: the activation (and a folded probe) per row
+            proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
+                               proj.dtype)[0]  # (R, P_site)
+        return proj
+
     def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
         plan, self._plan = self._plan, None
         if plan is None or not plan.scored:
             return None
-        per_site = []
-        for pack, out in zip(self.packs, plan.outputs, strict=True):
-            chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
-            proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
-            if pack.segments:  # SAE features: the activation (and a folded probe) per row
-                proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
-                                   proj.dtype)[0]  # (R, P_site)
-            per_site.append(proj)  # (R, P_site)
+        per_site = plan.outputs  # (R, P_site) each, from the score taps
         scores = torch.cat(per_site, dim=1) if len(per_site) > 1 else per_site[0]  # (R, P)
         host = scores.index_select(1, plan.columns).float().tolist()  # the one host read
         self.host_reads += 1

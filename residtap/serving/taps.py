@@ -1,7 +1,7 @@
 """The taps of a serving run (serving/run.py): each reads the run's plan of the current forward
 (`run._plan`, made by its on_forward from the adapter's layout) and does its part per request.
 
-    ScoreTap     keeps a bank site's (N, d) output for the end of the forward
+    ScoreTap     a bank site's packed matmul over the rows whose scores are read
     SteerTap     adds each steered request's own vector * strength to its rows
     CaptureTap   keeps the rows of requests that asked to capture a site
 """
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class ScoreTap:
-    """Reader: keeps bank site i's output for the end of the forward (no tensor op here)."""
+    """Reader: bank site i's scores for the forward's scored rows (one packed matmul)."""
 
     def __init__(self, run: ServingRun, index: int) -> None:
         self.run, self.index = run, index
@@ -30,7 +30,9 @@ class ScoreTap:
     def __call__(self, hidden: Tensor, step: Step) -> None:
         plan = self.run._plan
         if plan is not None and plan.scored:
-            plan.outputs[self.index] = self.run._rows(hidden, plan)  # (N, d)
+            rows = self.run._rows(hidden, plan)  # (N, d)
+            plan.outputs[self.index] = self.run.site_scores(self.run.packs[self.index], rows,
+                                                            plan)  # (R, P_site)
         return None
 
 
