@@ -31,11 +31,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from residtap.capture import capture
-from residtap.inputs import encode, forward_inputs, pad_id_of, pad_left
+from residtap.inputs import forward_inputs, pad_id_of, pad_left
 from residtap.positions import Positions, check_positions
 from residtap.probes.attention import AttentionProbe
 from residtap.probes.probe import Probe
 from residtap.sae.features import SAEFeatures
+from residtap.store.batches import token_ids
 from residtap.store.data import Sample, load_samples
 
 Scorer = Probe | AttentionProbe | SAEFeatures
@@ -99,7 +100,7 @@ def score_texts(
 def _score_batch(model: nn.Module, tokenizer: Any, probe: Scorer,
                  batch: list[Sample], positions: Positions, pad: int, max_length: int | None,
                  attention: bool) -> Iterator[dict[str, Any]]:
-    seqs = _token_ids(tokenizer, batch, max_length)
+    seqs = token_ids(batch, tokenizer, max_length)  # as the store reads them
     ids, mask = pad_left(seqs, pad)  # (B, T) each
     read = "all" if attention or positions == "all" else positions
     inputs = forward_inputs(model, ids, mask)
@@ -131,21 +132,6 @@ def _score_batch(model: nn.Module, tokenizer: Any, probe: Scorer,
             i = index if index >= 0 else n + index
             token = _token(tokenizer, seqs[b][i]) if 0 <= i < n else None
             yield _row(probe, sample, i, token, scores[b, k])
-
-
-def _token_ids(tokenizer: Any, batch: list[Sample], max_length: int | None) -> list[list[int]]:
-    texts = [s.text for s in batch if s.text is not None]
-    if texts and tokenizer is None:
-        raise ValueError("the data holds texts but no tokenizer was given; pass the model's")
-    encoded = iter(encode(tokenizer, texts, "texts") if texts else [])
-    seqs = [next(encoded) if s.text is not None else list(s.input_ids or []) for s in batch]
-    if max_length is not None:
-        seqs = [s[:max_length] for s in seqs]
-    for s, ids in zip(batch, seqs, strict=True):
-        if not ids:
-            raise ValueError(f"sample {s.index} (id {s.id!r}) has no tokens; remove it from "
-                             "the data set")
-    return seqs
 
 
 def _token(tokenizer: Any, token_id: int) -> str | None:

@@ -45,11 +45,21 @@ def shards(samples: list[Sample], start: int, batch_size: int, shard_rows: int, 
 
 
 def encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: int | None,
-            vocab: int | None = None) -> tuple[Tensor, Tensor]:
+           vocab: int | None = None) -> tuple[Tensor, Tensor]:
     """Token ids and attention mask (B, T), padded on the tokenizer's side."""
+    return pad(token_ids(batch, tokenizer, max_length, vocab), pad_id, side)
+
+
+def token_ids(batch: list[Sample], tokenizer, max_length: int | None,
+              vocab: int | None = None) -> list[list[int]]:
+    """Each sample's token ids (its text tokenized, special tokens included, or its input_ids),
+    cut to `max_length`. ValueError for a sample with no tokens, or (with `vocab`) an id the
+    model's embedding does not have."""
     seqs: list[list[int] | None] = [s.input_ids for s in batch]
     todo = [i for i, s in enumerate(batch) if s.text is not None]
     if todo:
+        if tokenizer is None:
+            raise ValueError("the data holds texts but no tokenizer was given; pass the model's")
         enc = tokenizer([batch[i].text for i in todo], add_special_tokens=True,
                         truncation=max_length is not None, max_length=max_length)["input_ids"]
         for i, ids in zip(todo, enc, strict=True):
@@ -64,7 +74,7 @@ def encode(batch: list[Sample], tokenizer, pad_id: int, side: str, max_length: i
             raise ValueError(f"sample {s.index} (id {s.id!r}) tokenizes to id {max(ids)}, but the "
                              f"model's embedding has {vocab} rows (ids 0..{vocab - 1}); use the "
                              "model's own tokenizer (or resize the model's embeddings)")
-    return pad(seqs, pad_id, side)
+    return seqs
 
 
 def rows_to_keep(mask: Tensor, policy, first_sample: int) -> tuple[Tensor, Tensor, Tensor]:
