@@ -152,6 +152,19 @@ def right_padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def stop_tokens(score: torch.Tensor, threshold: float, patience: int) -> list[int]:
+    """Closed form of early exit: per row of score (B, n), the first step k where the score has
+    been > threshold for `patience` steps in a row (-1: never)."""
+    stop_at = [-1] * score.shape[0]
+    streak = torch.zeros(score.shape[0], dtype=torch.int)
+    for k in range(score.shape[1]):
+        streak = (streak + 1) * (score[:, k] > threshold).int()
+        for b in range(score.shape[0]):
+            if stop_at[b] < 0 and streak[b] >= patience:
+                stop_at[b] = k
+    return stop_at
+
+
 def word_tokenizer():
     """A word-level tokenizer over the tiny models' vocabulary: 'w4' ... 'w95' (ids 4..95; 0 pad,
     1 bos, 2 eos, 3 unk), BOS prepended, words decoded with spaces."""

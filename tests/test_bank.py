@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import left_padded, right_padded, tiny_model
+from conftest import left_padded, right_padded, stop_tokens, tiny_model
 
 import residtap
 from residtap.engine import count_hooks
@@ -157,14 +157,7 @@ def test_early_exit_stops_exactly_the_crossing_rows_and_leaves_others_unchanged(
     score = run.results()["a"][..., 0]  # (B, n)
     # Pick a threshold that stops some rows but not all, and compute where each should stop.
     for threshold in torch.quantile(score, torch.linspace(0.3, 0.95, 14)).tolist():
-        over = (score > threshold).int()
-        streak = torch.zeros(len(PROMPTS), dtype=torch.int)
-        stop_at = [-1] * len(PROMPTS)
-        for k in range(n):
-            streak = (streak + 1) * over[:, k]
-            for b in range(len(PROMPTS)):
-                if stop_at[b] < 0 and streak[b] >= patience:
-                    stop_at[b] = k
+        stop_at = stop_tokens(score, threshold, patience)
         if 0 < sum(s >= 0 for s in stop_at) < len(PROMPTS):
             break
     else:

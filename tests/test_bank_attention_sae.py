@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded, tiny_model
+from conftest import left_padded, stop_tokens, tiny_model
 
 import residtap
 from residtap.probes import Probe, save_probe
@@ -303,13 +303,7 @@ def test_early_exit_on_attention_and_sae_columns_stops_exactly_the_crossing_rows
         base = generate(model, ids, mask, n, **kw)
     score = run.results().scores[..., run.column(probe, cls)]  # (B, n)
     for threshold in torch.quantile(score, torch.linspace(0.3, 0.95, 14)).tolist():
-        stop_at = [-1] * len(PROMPTS)
-        streak = torch.zeros(len(PROMPTS), dtype=torch.int)
-        for k in range(n):
-            streak = (streak + 1) * (score[:, k] > threshold).int()
-            for b in range(len(PROMPTS)):
-                if stop_at[b] < 0 and streak[b] >= patience:
-                    stop_at[b] = k
+        stop_at = stop_tokens(score, threshold, patience)
         if 0 < sum(s >= 0 for s in stop_at) < len(PROMPTS):
             break
     else:
