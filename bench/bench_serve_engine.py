@@ -1,0 +1,93 @@
+"""The serving run without HTTP: transformers' continuous batching manager driven in-process.
+
+    python bench/bench_serve_engine.py [--clients 32] [--repeats 12]
+
+The reference model (residtap.benchmark.reference_model), 1 torch thread, the CPU paged-cache
+sizes of `residtap serve`; `--clients` prompts of 8-24 random token ids, 64 new tokens each,
+added right after the manager starts. Three variants per repeat, in a rotating order:
+    plain     no residtap
+    attached  a ServingRun with a bank of 1000 probes (125 per layer); requests ask nothing
+    scoring   the same; every request asks for 4 probes' scores per token
+Reported: median wall and process CPU seconds per variant, the time inside residtap's handlers
+(engine.timing), and per variant the CPU cost against plain, paired within each repeat.
+What bench_serve.py measures minus the web stack and the clients: where a cost beyond the
+handlers comes from (BENCHMARKS.md, "Serving under load").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+
+import torch
+from transformers import GenerationConfig
+
+from residtap.benchmark import random_bank, reference_model
+from residtap.cli.serve import CPU_SIZES
+from residtap.engine import timing
+from residtap.serving import attach
+from residtap.serving import transformers_cb as cb
+
+VARIANTS = ("plain", "attached", "scoring")
+ORDERS = [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1), (2, 0, 1), (1, 0, 2)]
+
+
+def one(model, bank, asks: list[str], prompts: list[list[int]], variant: str
+        ) -> tuple[float, float, float]:
+    """(wall s, process CPU s, handler s) of one batch of requests, start to last result."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=-1)
+    manager = model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=cb.serving_config(**CPU_SIZES))
+    run = attach(manager, bank=bank) if variant != "plain" else None
+    with (run or contextlib.nullcontext()), \
+            (timing(model) if run else contextlib.nullcontext()) as clock:
+        manager.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for p in prompts:
+            if run is None:
+                manager.add_request(p, max_new_tokens=64)
+            else:
+                run.add_request(p, max_new_tokens=64,
+                                probes=asks if variant == "scoring" else None)
+        done = 0
+        while done < len(prompts):
+            out = manager.get_result(timeout=60)
+            done += out is not None and out.is_finished()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        manager.stop(block=True)
+    return wall, cpu, clock.seconds if run else 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=32, help="requests per batch")
+    p.add_argument("--repeats", type=int, default=12)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    model = reference_model()
+    bank = random_bank(model, 125, "all")
+    asks = [probe.name for probe in bank.probes][::250][:4]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 32000) for _ in range(rng.randint(8, 24))]
+               for _ in range(args.clients)]
+    for v in VARIANTS:  # warm-up, not counted
+        one(model, bank, asks, prompts, v)
+    res: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for i in ORDERS[r % len(ORDERS)]:
+            res[VARIANTS[i]].append(one(model, bank, asks, prompts, VARIANTS[i]))
+    for v in VARIANTS:
+        print(f"{v:9s} wall {statistics.median(x[0] for x in res[v]):.3f} s, CPU "
+              f"{statistics.median(x[1] for x in res[v]):.3f} s, handlers "
+              f"{statistics.median(x[2] for x in res[v]):.3f} s")
+    for v in VARIANTS[1:]:
+        costs = [b[1] / a[1] - 1 for a, b in zip(res["plain"], res[v], strict=True)]
+        print(f"{v:9s} CPU cost vs plain, paired: median {100 * statistics.median(costs):+.2f}% "
+              f"[{100 * min(costs):+.1f}, {100 * max(costs):+.1f}]")
+
+
+if __name__ == "__main__":
+    main()
