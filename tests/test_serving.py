@@ -644,5 +644,7 @@ def test_sae_features_are_served_and_attention_probes_refused():
     manager = model.init_continuous_batching(
         generation_config=_generation_config(4),
         continuous_batching_config=cb.serving_config(**SIZES))
+    hooks = count_hooks(model)
     with pytest.raises(ValueError, match=r"attention probes \['att'\] cannot be served"):
         attach(manager, bank=ProbeBank().add_probe(probe, name="att"))
+    assert count_hooks(model) == hooks  # refused before any hook went in
