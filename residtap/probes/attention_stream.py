@@ -23,17 +23,23 @@ the online softmax's running max m and denominator l, kept together as log_den =
 and the running weighted values, kept as log-sums of their positive and negative parts
 (log sum_s exp(z_s) relu(v_s), likewise for -v). This is the same online softmax in log form,
 chosen because a chunk of T tokens (a prefill) then gets the exact prefix value after every one
-of its tokens from three `logcumsumexp` over time, with no Python loop and no loss when logits
+of its tokens from one `logcumsumexp` over time, with no Python loop and no loss when logits
 inside a chunk differ by hundreds (where a shared reference maximum would underflow). The score
-is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|. A one-token
-update (a decode step) adds one term to each log-sum with `logaddexp`, about half the kernels
-of the chunk path; when every probe has the same heads and outputs, the sum over heads is a
-reshape, not an `index_add`.
+is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|. The three
+log-sums live side by side in one (B, G + 2V) tensor [den | pos | neg], so one token (a decode
+step) is one `logaddexp` into it: about ten small kernels in all, in place, into preallocated
+buffers (on a CPU each kernel costs microseconds whatever its size, so their count is what a
+decode step pays). When every probe has the same heads and outputs, the value columns are a
+(P, H, C) grid: a head's logit reaches its value columns by broadcasting and the sum over heads
+is a reshape, not an `index_add`.
 
+The log-sums start at the dtype's lowest finite value, not -inf: a row that has seen no valid
+token then has log_pos = log_neg = log_den, and its score is exp(0) - exp(0) = 0 exactly, with
+no NaN to clean up (any real term is far above that floor and absorbs it exactly).
 Padding: invalid tokens (the `valid` mask: left padding, rows that stopped) get logit -inf, so
-they never enter the softmax and do not advance the position counter; a row that has seen no
-valid token yet scores exactly 0 in every column. No host synchronisation, no data-dependent
-Python control flow: `torch.compile(stream.update, fullgraph=True)` compiles it.
+they never enter the softmax and do not advance the position counter. No host
+synchronisation, no data-dependent Python control flow: `torch.compile(stream.update,
+fullgraph=True)` compiles it.
 
 Column layout of `pack.weight` (K, d) / `pack.bias` (K,), for probes p = 0..P-1 in the order
 given, each with H_p heads and C_p outputs (C = 1 for a binary probe, the classes otherwise):
@@ -198,6 +204,7 @@ class AttentionStream:
     """The online-softmax state of a pack's probes for `batch_size` rows (module docstring).
 
     stream.update(proj, valid)   # proj (B, T, K) the pack's columns; returns (B, T, O)
+    stream.update(proj)          # every token real (no padding)
     stream.current()             # (B, O): each row's score after the tokens seen so far
     stream.reset()               # a new run: forget every token (in place, same buffers)
 
@@ -211,22 +218,22 @@ class AttentionStream:
                  device: torch.device | str | None = None) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the stream's state is float32 or float64, got {dtype}")
         device = torch.device(device) if device is not None else pack.weight.device
         self.pack = pack
         self.batch_size = batch_size
-        self.slope = pack.slope.to(device=device, dtype=dtype)  # (G,)
-        self.value_head = pack.value_head.to(device)  # (V,)
-        self.value_output = pack.value_output.to(device)  # (V,)
         G, V = pack.n_heads, pack.n_values
-        self.log_den = torch.full((batch_size, G), -math.inf, dtype=dtype, device=device)
-        self.log_pos = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
-        self.log_neg = torch.full((batch_size, V), -math.inf, dtype=dtype, device=device)
-        self.count = torch.zeros(batch_size, dtype=dtype, device=device)  # valid tokens seen
-        # one value column per head (every probe has one output): no gather needed
-        self._one_value_per_head = V == G and bool(
-            (pack.value_head.cpu() == torch.arange(G)).all())
-        # every probe with the same heads H and outputs C: the value columns are (P, H, C) and
-        # the outputs a sum over H (a reshape instead of index_add)
+        self.slope = pack.slope.to(device=device, dtype=dtype)  # (G,)
+        # each of the 2V [pos | neg] columns: its (probe, head) column in [0, G)
+        self.head_of = pack.value_head.to(device).repeat(2)  # (2V,)
+        self.value_output = pack.value_output.to(device)  # (V,)
+        self.floor = torch.finfo(dtype).min  # where every log-sum starts (module docstring)
+        self.state = torch.full((batch_size, G + 2 * V), self.floor, dtype=dtype, device=device)
+        self.count = torch.zeros(batch_size, 1, dtype=dtype, device=device)  # valid tokens seen
+        self._sign = torch.tensor([1.0, -1.0], dtype=dtype, device=device)[:, None]  # (2, 1)
+        # every probe with the same heads H and outputs C: the value columns are a (P, H, C)
+        # grid, reached from the heads by broadcasting and summed over H by a reshape
         shapes = {(p.n_heads, p.n_outputs) for p in pack.probes}
         self._uniform = (len(pack.probes), *shapes.pop()) if len(shapes) == 1 else None
 
@@ -236,72 +243,81 @@ class AttentionStream:
 
     def reset(self) -> None:
         """Forget every token of every row (a new run), in place."""
-        self.log_den.fill_(-math.inf)
-        self.log_pos.fill_(-math.inf)
-        self.log_neg.fill_(-math.inf)
+        self.state.fill_(self.floor)
         self.count.zero_()
 
-    def update(self, proj: Tensor, valid: Tensor) -> Tensor:
+    def update(self, proj: Tensor, valid: Tensor | None = None) -> Tensor:
         """Feed T tokens: proj (B, T, K) the pack's columns of the site's matmul, valid (B, T)
-        bool (False: padding, never seen). Updates the state in place and returns the scores
-        (B, T, O) after each token; a row's score stays unchanged across its invalid tokens."""
+        bool (False: padding, never seen; None: every token is real). Updates the state in
+        place and returns the scores (B, T, O) after each token; a row's score stays unchanged
+        across its invalid tokens."""
         G, B = self.pack.n_heads, self.batch_size
         if proj.dim() != 3 or proj.shape[0] != B or proj.shape[2] != self.pack.n_columns:
             raise ValueError(
                 f"expected proj of shape (B={B}, T, K={self.pack.n_columns}), got "
                 f"{tuple(proj.shape)}; pass the pack's columns of F.linear(h, weight, bias)")
-        if valid.shape != proj.shape[:2]:
+        if valid is not None and valid.shape != proj.shape[:2]:
             raise ValueError(f"expected valid of shape {tuple(proj.shape[:2])} (B, T), got "
                              f"{tuple(valid.shape)}")
-        valid = valid.to(torch.bool)
-        proj = proj.to(self.log_den.dtype)
+        proj = proj.to(self.state.dtype)
         if proj.shape[1] == 1:  # a decode step: the same sums, fewer kernels
-            return self._update_one(proj[:, 0], valid[:, 0])[:, None]
-        keep = valid[..., None]  # (B, T, 1)
-        index = self.count[:, None] + valid.cumsum(1).to(proj.dtype) - 1  # (B, T) among valid
-        z = proj[..., :G] + index[..., None] * self.slope  # (B, T, G) attention logits
-        z = z.masked_fill(~keep, -math.inf)
-        v = proj[..., G:]  # (B, T, V)
-        z_v = z.index_select(2, self.value_head)  # (B, T, V) each value column's logit
-        lp = torch.where(keep, z_v + v.clamp(min=0).log(), -math.inf)  # log e^z relu(v)
-        ln = torch.where(keep, z_v + (-v).clamp(min=0).log(), -math.inf)  # log e^z relu(-v)
-        den = torch.logaddexp(self.log_den[:, None], torch.logcumsumexp(z, 1))  # (B, T, G)
-        pos = torch.logaddexp(self.log_pos[:, None], torch.logcumsumexp(lp, 1))  # (B, T, V)
-        neg = torch.logaddexp(self.log_neg[:, None], torch.logcumsumexp(ln, 1))  # (B, T, V)
-        self.log_den.copy_(den[:, -1])
-        self.log_pos.copy_(pos[:, -1])
-        self.log_neg.copy_(neg[:, -1])
-        self.count.add_(valid.sum(1).to(self.count.dtype))
-        return self._scores(den, pos, neg)
+            return self._update_one(proj[:, 0], valid)[:, None]
+        if valid is None:
+            valid = torch.ones(proj.shape[:2], dtype=torch.bool, device=proj.device)
+        valid = valid.to(torch.bool)
+        T = proj.shape[1]
+        index = self.count + valid.cumsum(1).to(proj.dtype) - 1  # (B, T) among valid tokens
+        z = torch.addcmul(proj[..., :G], index[..., None], self.slope)  # (B, T, G) logits
+        terms = torch.cat([z, self._value_terms(proj[..., G:], z)], dim=-1)  # (B, T, G + 2V)
+        terms.masked_fill_(~valid[..., None], -math.inf)
+        sums = torch.logaddexp(self.state[:, None], torch.logcumsumexp(terms, 1))
+        self.state.copy_(sums[:, -1])
+        self.count.add_(valid.sum(1, keepdim=True))
+        return self._scores(sums.reshape(B * T, -1)).reshape(B, T, -1)
 
-    def _update_one(self, proj: Tensor, valid: Tensor) -> Tensor:
-        """One token per row: proj (B, K), valid (B,) -> scores (B, O). The state's log-sums
-        each gain one term (logaddexp); z is -inf for an invalid token, so every term it
-        adds is exp(-inf) = 0."""
+    def _update_one(self, proj: Tensor, valid: Tensor | None) -> Tensor:
+        """One token per row: proj (B, K), valid (B, 1) or None (all real) -> scores (B, O).
+        Each log-sum gains one term (one logaddexp into the state); an invalid token's terms
+        are all -inf, so each adds exp(-inf) = 0."""
         G = self.pack.n_heads
-        z = torch.addcmul(proj[:, :G], self.count[:, None], self.slope)  # (B, G): index = count
-        z = torch.where(valid[:, None], z, -math.inf)
-        v = proj[:, G:]  # (B, V)
-        z_v = z if self._one_value_per_head else z.index_select(1, self.value_head)
-        self.log_den.copy_(torch.logaddexp(self.log_den, z))
-        self.log_pos.copy_(torch.logaddexp(self.log_pos, z_v + v.clamp(min=0).log()))
-        self.log_neg.copy_(torch.logaddexp(self.log_neg, z_v + (-v).clamp(min=0).log()))
-        self.count.add_(valid.to(self.count.dtype))
-        return self.current()
+        z = torch.addcmul(proj[:, :G], self.count, self.slope)  # (B, G): index = count
+        both = (proj[:, None, G:] * self._sign).clamp_(min=0).log_()  # (B, 2, V): +v, -v
+        terms = torch.cat([z, self._add_head_logits(both.view(self.batch_size, -1), z)], 1)
+        if valid is None:
+            self.count.add_(1.0)
+        else:
+            terms.masked_fill_(~valid.to(torch.bool), -math.inf)
+            self.count.add_(valid)
+        torch.logaddexp(self.state, terms, out=self.state)
+        return self._scores(self.state)
+
+    def _value_terms(self, v: Tensor, z: Tensor) -> Tensor:
+        """(..., 2V): log(relu(v)) then log(relu(-v)), plus each value column's head logit,
+        from v (..., V) and the logits z (..., G)."""
+        return self._add_head_logits(torch.cat([v, -v], dim=-1).clamp_(min=0).log_(), z)
+
+    def _add_head_logits(self, terms: Tensor, z: Tensor) -> Tensor:
+        """terms (..., 2V) [pos | neg] += each column's head logit from z (..., G), in place."""
+        if self._uniform is None:
+            return terms.add_(z.index_select(-1, self.head_of))
+        P, H, C = self._uniform
+        lead = terms.shape[:-1]
+        terms.view(*lead, 2, P, H, C).add_(z.view(*lead, 1, P, H, 1))
+        return terms
 
     def current(self) -> Tensor:
         """(B, O): each row's scores after all tokens fed so far (0 where none was valid)."""
-        return self._scores(self.log_den[:, None], self.log_pos[:, None],
-                            self.log_neg[:, None])[:, 0]
+        return self._scores(self.state)
 
-    def _scores(self, den: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        """(B, T, O) from log-sums den (B, T, G), pos and neg (B, T, V). Where a row has seen
-        no valid token every log-sum is -inf, the differences NaN, and the score 0."""
-        den_v = den if self._one_value_per_head else den.index_select(2, self.value_head)
-        per_value = torch.nan_to_num((pos - den_v).exp() - (neg - den_v).exp(), nan=0.0)
-        B, T = per_value.shape[:2]
-        if self._uniform is not None:  # (B, T, P, H, C) summed over heads
+    def _scores(self, sums: Tensor) -> Tensor:
+        """(N, O) from log-sums (N, G + 2V) [den | pos | neg]: per value column
+        exp(pos - den) - exp(neg - den), summed over each probe's heads."""
+        G, V, N = self.pack.n_heads, self.pack.n_values, sums.shape[0]
+        den, pos_neg = sums[:, :G], sums[:, G:].view(N, 2, V)
+        if self._uniform is not None:  # (N, 2, P, H, C) - (N, 1, P, H, 1)
             P, H, C = self._uniform
-            return per_value.reshape(B, T, P, H, C).sum(3).reshape(B, T, P * C)
-        out = per_value.new_zeros(B, T, self.pack.n_outputs)  # (B, T, O)
-        return out.index_add(2, self.value_output, per_value)
+            ratio = (pos_neg.view(N, 2, P, H, C) - den.view(N, 1, P, H, 1)).exp_()
+            return (ratio[:, 0] - ratio[:, 1]).sum(2).view(N, P * C)
+        ratio = (pos_neg - den.index_select(1, self.head_of[:V])[:, None]).exp_()  # (N, 2, V)
+        out = ratio.new_zeros(N, self.pack.n_outputs)  # (N, O)
+        return out.index_add_(1, self.value_output, ratio[:, 0] - ratio[:, 1])

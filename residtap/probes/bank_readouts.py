@@ -97,7 +97,7 @@ class AttentionSegment:
     def state(self, batch: int, device: torch.device) -> AttentionStream:
         return AttentionStream(self.pack, batch, device=device)
 
-    def __call__(self, proj: Tensor, valid: Tensor, state: AttentionStream) -> Tensor:
+    def __call__(self, proj: Tensor, valid: Tensor | None, state: AttentionStream) -> Tensor:
         return state.update(proj, valid)  # (B, T, O)
 
 
@@ -142,9 +142,8 @@ def site_scores(pack: SitePack, proj: Tensor, valid: Tensor | None, states: list
                 dtype: torch.dtype) -> Tensor:
     """Scores (B, T, stop - start) of one site from its matmul's output proj (B, T, M):
     the linear columns as they are, then each segment's readout (valid (B, T) bool: the real
-    tokens, for the attention streams; states: each segment's per-run state)."""
-    if valid is None and pack.streams:  # no mask: every token is real
-        valid = torch.ones(proj.shape[:2], dtype=torch.bool, device=proj.device)
+    tokens, for the attention streams, None: all of them; states: each segment's per-run
+    state)."""
     parts = [proj[..., :pack.n_linear].to(dtype)] if pack.n_linear else []
     for segment, state in zip(pack.segments, states, strict=True):
         parts.append(segment(proj[..., segment.cols], valid, state).to(dtype))

@@ -124,6 +124,9 @@ class BankRun(TapBlock):
         self._valid_step = torch.ones(batch, 1, dtype=torch.bool, device=dev)  # decode steps
         self._slot_base = torch.arange(max_tokens, device=dev)  # (max_tokens,)
         self._slot_buf = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self._slot_one = self._slot_buf[:1]  # a decode step's slot: one fill, no slicing
+        # each site's columns of the score buffer, (B, max_tokens, P_site) views
+        self._score_views = {p.site.name: self.scores[:, :, p.start:p.stop] for p in self.packs}
         self.batch_size, self.max_tokens = batch, max_tokens
         log.info("probe bank buffers: scores (%d, %d, %d) %s on %s", batch, max_tokens, P,
                  self.dtype, dev)
@@ -227,20 +230,22 @@ class BankRun(TapBlock):
         if self._needs_valid:
             self._valid = self._real_tokens(real, step)
         # the slot index a compiled readout writes at: one buffer, written in place
-        self._slot_index = self._slot_buf[:slots.width]
-        torch.add(self._slot_base[:slots.width], slots.lo, out=self._slot_index)
+        if slots.width == 1:
+            self._slot_index = self._slot_one.fill_(slots.lo)
+        else:
+            self._slot_index = self._slot_buf[:slots.width]
+            torch.add(self._slot_base[:slots.width], slots.lo, out=self._slot_index)
         if self.aggregator.names:
             self.aggregator.prepare(slots.weights.to(self.dtype))
 
-    def _real_tokens(self, real: Tensor | None, step: Step) -> Tensor:
-        """(B, T) bool: which of this forward's tokens are real (None: all), for the attention
-        streams; a one-token step's lives in one buffer written in place (a fixed address)."""
-        if step.length == 1:
-            if real is None:
-                return self._valid_step.fill_(True)
-            return self._valid_step.copy_(real)
+    def _real_tokens(self, real: Tensor | None, step: Step) -> Tensor | None:
+        """(B, T) bool: which of this forward's tokens are real, for the attention streams
+        (None: all of them); a one-token step's lives in one buffer written in place (a fixed
+        address)."""
         if real is None:
-            return torch.ones(step.batch, step.length, dtype=torch.bool, device=self.device)
+            return None
+        if step.length == 1:
+            return self._valid_step.copy_(real)
         return real.to(self.device, torch.bool)
 
     # -- per site: the device side ------------------------------------------------------------
@@ -269,7 +274,7 @@ class BankRun(TapBlock):
             # a device index: the graph must not specialise on the step's Python ints
             self.scores[:, :, cols].index_copy_(1, self._slot_index, s.to(self.dtype))
         else:  # the same write, as a slice (cheaper in eager mode)
-            self.scores[:, slots.lo:slots.hi, cols] = s
+            self._score_views[pack.site.name][:, slots.lo:slots.hi] = s
         if self.aggregator.names:
             self.aggregator.add(cols, s.to(self.dtype))
 
