@@ -13,10 +13,12 @@ Two banks, each at the model's middle layer, each attached read every step ("pac
                a random ReLU SAE of `reference_d_sae` features
 Per repeat and batch size, every (bank, mode) runs as an ABBA block against the baseline (no
 bank): baseline, variant, variant, baseline, the variants taking turns to go first, as in
-residtap.benchmark.probes. Overhead is the median over repeats of the block's variant / baseline
-time - 1, with its 25th-75th percentiles; `handler` is the time inside residtap's hooks
-(`residtap.engine.timing`, with the deferred run's final flush) over the variant's generate
-time. Targets (issue #17): overhead <= 3%, handlers <= 2%.
+residtap.benchmark.probes. One more block, the control ("none", "a/a"), times the baseline in
+the variant's place: its "overhead" is this machine's noise in the same run. Overhead is the
+median over repeats of the block's variant / baseline time - 1, with its 25th-75th
+percentiles; `handler` is the time inside residtap's hooks (`residtap.engine.timing`, with the
+deferred run's final flush) over the variant's generate time. Targets (issue #17): overhead
+<= 3%, handlers <= 2%.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from residtap.benchmark.probes import progress_bar, quartiles, time_variant, torch_threads
 from residtap.benchmark.reference import reference_model
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 MODES = ("packed", "deferred")
 BANKS = ("attention", "sae")
 TARGETS = {"overhead_pct": 3.0, "handler_pct": 2.0}
+CONTROL = ("none", "a/a")  # the baseline timed in a variant's place: the run's own noise
 
 
 @dataclass
@@ -119,6 +122,15 @@ def readout_banks(model: nn.Module, sae: SAE, cfg: ReadoutConfig) -> dict[str, P
     return banks
 
 
+def _time(model: nn.Module, bank: str, mode: str, banks: dict[str, ProbeBank], ids: Tensor,
+          cfg: ReadoutConfig) -> dict[str, float]:
+    """One timed generate of a variant; the control's handler times are 0 (nothing attached)."""
+    if (bank, mode) == CONTROL:
+        return {**time_variant(model, "baseline", None, ids, cfg.new_tokens),
+                "handler_seconds": 0.0, "tap_seconds": 0.0}
+    return time_variant(model, mode, banks[bank], ids, cfg.new_tokens, cfg.defer)
+
+
 def bench_readouts(cfg: ReadoutConfig, progress: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (rows, config, environment)."""
     with torch_threads(cfg.threads):
@@ -129,7 +141,7 @@ def _bench(cfg: ReadoutConfig, progress: bool) -> dict[str, Any]:
     model, sae = load_model(cfg)
     banks = readout_banks(model, sae, cfg)
     vocab = model.get_input_embeddings().weight.shape[0]
-    variants = [(b, m) for b in BANKS for m in MODES]
+    variants = [(b, m) for b in BANKS for m in MODES] + [CONTROL]
     g = torch.Generator().manual_seed(cfg.seed)
     times: dict[tuple, list[dict[str, float]]] = {}
     bar = progress_bar(len(cfg.batches) * cfg.repeats, progress)
@@ -141,8 +153,7 @@ def _bench(cfg: ReadoutConfig, progress: bool) -> dict[str, Any]:
                 k = r % len(variants)
                 for bank, mode in variants[k:] + variants[:k]:  # each leads in turn
                     b0 = time_variant(model, "baseline", None, ids, cfg.new_tokens)
-                    t0, t1 = (time_variant(model, mode, banks[bank], ids, cfg.new_tokens,
-                                           cfg.defer) for _ in range(2))
+                    t0, t1 = (_time(model, bank, mode, banks, ids, cfg) for _ in range(2))
                     b1 = time_variant(model, "baseline", None, ids, cfg.new_tokens)
                     base = (b0["seconds"] + b1["seconds"]) / 2
                     got = {key: (t0[key] + t1[key]) / 2 for key in t0}
@@ -151,18 +162,20 @@ def _bench(cfg: ReadoutConfig, progress: bool) -> dict[str, Any]:
     bar.close()
     rows = []
     for (B, bank, mode), ts in times.items():
+        control = (bank, mode) == CONTROL
         lo, med, hi = quartiles([100 * (t["seconds"] / t["base"] - 1) for t in ts])
         handler = 100 * statistics.median(t["handler_seconds"] / t["seconds"] for t in ts)
         base = statistics.median(t["base"] for t in ts)
         rows.append({
             "model": cfg.model, "batch": B, "bank": bank, "mode": mode,
-            "columns": banks[bank].n_columns, "scores": banks[bank].n_scores,
+            "columns": 0 if control else banks[bank].n_columns,
+            "scores": 0 if control else banks[bank].n_scores,
             "baseline_tok_s": B * cfg.new_tokens / base,
             "baseline_ms_per_token": 1000 * base / cfg.new_tokens,
             "overhead_pct": med, "spread_pct": [lo, hi], "handler_pct": handler,
             "tap_body_pct": 100 * statistics.median(t["tap_seconds"] / t["seconds"] for t in ts),
-            "pass_overhead": med <= TARGETS["overhead_pct"],
-            "pass_handlers": handler <= TARGETS["handler_pct"],
+            "pass_overhead": None if control else med <= TARGETS["overhead_pct"],
+            "pass_handlers": None if control else handler <= TARGETS["handler_pct"],
         })
     return {"config": asdict(cfg), "rows": rows, "sae": repr(sae),
             "environment": {"torch": torch.__version__, "threads": cfg.threads, "device": "cpu"}}
