@@ -146,12 +146,12 @@ def test_reset_starts_a_new_run_in_the_same_buffers():
     stream = AttentionStream(pack, 2, dtype=torch.float64)
     proj = F.linear(x, pack.weight, pack.bias)
     first = stream.update(proj, mask)
-    addresses = [t.data_ptr() for t in (stream.state, stream.count)]
+    addresses = [t.data_ptr() for t in (stream.den, stream.mean, stream.count)]
     stream.update(proj[:, :3], mask[:, :3])
     stream.reset()
     again = stream.update(proj, mask)
     assert torch.equal(first, again)
-    assert addresses == [t.data_ptr() for t in (stream.state, stream.count)]
+    assert addresses == [t.data_ptr() for t in (stream.den, stream.mean, stream.count)]
 
 
 def test_column_layout_is_the_documented_one():
@@ -195,7 +195,8 @@ def test_compiled_update_equals_eager_without_graph_breaks():
         outs_e.append(eager.update(proj[:, sl], mask[:, sl]))
         outs_c.append(step(proj[:, sl], mask[:, sl]))
     torch.testing.assert_close(torch.cat(outs_c, 1), torch.cat(outs_e, 1), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(compiled.state, eager.state, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(compiled.den, eager.den, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(compiled.mean, eager.mean, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(compiled.count, eager.count, atol=0, rtol=0)
 
 

@@ -18,26 +18,29 @@ shared by every token of the prefix; softmax ignores that constant, so both are
 `slope_h * i_s` with slope +p_h or -p_h, fixed once a token is seen. The probe's bias rides in
 head 0's value columns (attention weights sum to 1), so the output is a plain sum over heads.
 
-State per (row, head) and (row, value column) -- O(heads x outputs) per token, preallocated:
-the online softmax's running max m and denominator l, kept together as log_den = m + log l,
-and the running weighted values, kept as log-sums of their positive and negative parts
-(log sum_s exp(z_s) relu(v_s), likewise for -v). This is the same online softmax in log form,
-chosen because a chunk of T tokens (a prefill) then gets the exact prefix value after every one
-of its tokens from one `logcumsumexp` over time, with no Python loop and no loss when logits
-inside a chunk differ by hundreds (where a shared reference maximum would underflow). The score
-is exp(log_pos - log_den) - exp(log_neg - log_den), each term bounded by max |v|. The three
-log-sums live side by side in one (B, G + 2V) tensor [den | pos | neg], so one token (a decode
-step) is one `logaddexp` into it: about ten small kernels in all, in place, into preallocated
-buffers (on a CPU each kernel costs microseconds whatever its size, so their count is what a
-decode step pays). When every probe has the same heads and outputs, the value columns are a
-(P, H, C) grid: a head's logit reaches its value columns by broadcasting and the sum over heads
-is a reshape, not an `index_add`.
+State per (row, head) and (row, value column) -- O(heads x outputs), preallocated:
+    den (B, G)   log of the softmax denominator, log sum_s exp(z_s) (the running max and sum
+                 of the usual online softmax in one number)
+    mean (B, V)  each value column's softmax-weighted mean so far, sum_s a_s v_s
+A decode step adds one token: den' = logaddexp(den, z); its weight is w = exp(z - den') in
+[0, 1], the old tokens' weights shrink by 1 - w = exp(den - den'), so mean' = mean + w (v - mean),
+one `lerp`. About eight small kernels in all (on a CPU each costs microseconds whatever its
+size, and more the first time in a step, when the model's own kernels have just run, so their
+number and kinds are what a decode step pays). A chunk of T tokens (a prefill, or a deferred
+readout) gets the exact value after every one of its tokens without a Python loop, from
+`logcumsumexp` over time: den_t = logaddexp(den, logcumsumexp(z)_t), and the new tokens'
+weighted sum in log form, split into positive and negative parts (log sum_s exp(z_s)
+relu(+-v_s)), so logits inside a chunk may differ by hundreds without underflow; then
+mean_t = mean exp(den - den_t) + exp(pos_t - den_t) - exp(neg_t - den_t), each term bounded by
+max |v|. The score is the sum over heads of the means. When every probe has the same heads and
+outputs, the value columns are a (P, H, C) grid: a head's weight reaches its value columns by
+broadcasting and the sum over heads is a reshape, not an `index_add`.
 
-The log-sums start at the dtype's lowest finite value, not -inf: a row that has seen no valid
-token then has log_pos = log_neg = log_den, and its score is exp(0) - exp(0) = 0 exactly, with
-no NaN to clean up (any real term is far above that floor and absorbs it exactly).
-Padding: invalid tokens (the `valid` mask: left padding, rows that stopped) get logit -inf, so
-they never enter the softmax and do not advance the position counter. No host
+`den` starts at the dtype's lowest finite value, not -inf, and `mean` at 0: a row that has seen
+no valid token scores exactly 0, and the first valid token gets weight exp(0) = 1 with no NaN
+(any real logit is far above that floor and absorbs it exactly).
+Padding: invalid tokens (the `valid` mask: left padding, rows that stopped) get logit -inf,
+weight 0, so they never enter the softmax and do not advance the position counter. No host
 synchronisation, no data-dependent Python control flow: `torch.compile(stream.update,
 fullgraph=True)` compiles it.
 
@@ -223,19 +226,19 @@ class AttentionStream:
         device = torch.device(device) if device is not None else pack.weight.device
         self.pack = pack
         self.batch_size = batch_size
-        G, V = pack.n_heads, pack.n_values
+        G, V, O = pack.n_heads, pack.n_values, pack.n_outputs
         self.slope = pack.slope.to(device=device, dtype=dtype)  # (G,)
-        # each of the 2V [pos | neg] columns: its (probe, head) column in [0, G)
-        self.head_of = pack.value_head.to(device).repeat(2)  # (2V,)
-        self.value_output = pack.value_output.to(device)  # (V,)
-        self.floor = torch.finfo(dtype).min  # where every log-sum starts (module docstring)
-        self.state = torch.full((batch_size, G + 2 * V), self.floor, dtype=dtype, device=device)
+        self.value_head = pack.value_head.to(device)  # (V,)
+        # 0/1 matrices: each value column's head (G, V), each output's value columns (V, O);
+        # a matmul with them copies or sums exactly (one 1 per column; x * 0 = 0 for finite x)
+        self.to_values = torch.zeros(G, V, dtype=dtype, device=device)
+        self.to_values[pack.value_head.to(device), torch.arange(V, device=device)] = 1.0
+        self.to_outputs = torch.zeros(V, O, dtype=dtype, device=device)
+        self.to_outputs[torch.arange(V, device=device), pack.value_output.to(device)] = 1.0
+        self.floor = torch.finfo(dtype).min  # where `den` starts (module docstring)
+        self.den = torch.full((batch_size, G), self.floor, dtype=dtype, device=device)
+        self.mean = torch.zeros(batch_size, V, dtype=dtype, device=device)
         self.count = torch.zeros(batch_size, 1, dtype=dtype, device=device)  # valid tokens seen
-        self._sign = torch.tensor([1.0, -1.0], dtype=dtype, device=device)[:, None]  # (2, 1)
-        # every probe with the same heads H and outputs C: the value columns are a (P, H, C)
-        # grid, reached from the heads by broadcasting and summed over H by a reshape
-        shapes = {(p.n_heads, p.n_outputs) for p in pack.probes}
-        self._uniform = (len(pack.probes), *shapes.pop()) if len(shapes) == 1 else None
 
     def __repr__(self) -> str:
         return (f"AttentionStream({self.pack.names}, batch_size={self.batch_size}, "
@@ -243,7 +246,8 @@ class AttentionStream:
 
     def reset(self) -> None:
         """Forget every token of every row (a new run), in place."""
-        self.state.fill_(self.floor)
+        self.den.fill_(self.floor)
+        self.mean.zero_()
         self.count.zero_()
 
     def update(self, proj: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -251,7 +255,7 @@ class AttentionStream:
         bool (False: padding, never seen; None: every token is real). Updates the state in
         place and returns the scores (B, T, O) after each token; a row's score stays unchanged
         across its invalid tokens."""
-        G, B = self.pack.n_heads, self.batch_size
+        B, G = self.batch_size, self.pack.n_heads
         if proj.dim() != 3 or proj.shape[0] != B or proj.shape[2] != self.pack.n_columns:
             raise ValueError(
                 f"expected proj of shape (B={B}, T, K={self.pack.n_columns}), got "
@@ -259,65 +263,46 @@ class AttentionStream:
         if valid is not None and valid.shape != proj.shape[:2]:
             raise ValueError(f"expected valid of shape {tuple(proj.shape[:2])} (B, T), got "
                              f"{tuple(valid.shape)}")
-        proj = proj.to(self.state.dtype)
-        if proj.shape[1] == 1:  # a decode step: the same sums, fewer kernels
+        proj = proj.to(self.den.dtype)
+        if proj.shape[1] == 1:  # a decode step: one token, fewer kernels
             return self._update_one(proj[:, 0], valid)[:, None]
-        if valid is None:
-            valid = torch.ones(proj.shape[:2], dtype=torch.bool, device=proj.device)
-        valid = valid.to(torch.bool)
         T = proj.shape[1]
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=proj.device)
+        valid = valid.to(torch.bool)
+        q, v = proj[..., :G], proj[..., G:]
         index = self.count + valid.cumsum(1).to(proj.dtype) - 1  # (B, T) among valid tokens
-        z = torch.addcmul(proj[..., :G], index[..., None], self.slope)  # (B, T, G) logits
-        terms = torch.cat([z, self._value_terms(proj[..., G:], z)], dim=-1)  # (B, T, G + 2V)
-        terms.masked_fill_(~valid[..., None], -math.inf)
-        sums = torch.logaddexp(self.state[:, None], torch.logcumsumexp(terms, 1))
-        self.state.copy_(sums[:, -1])
+        z = torch.addcmul(q, index[..., None], self.slope)  # (B, T, G) attention logits
+        z = z.masked_fill(~valid[..., None], -math.inf)
+        den = torch.logaddexp(self.den[:, None], torch.logcumsumexp(z, 1))  # (B, T, G)
+        z_v = z.index_select(-1, self.value_head)  # (B, T, V): each value column's logit
+        den_v = den.index_select(-1, self.value_head)
+        pos_neg = torch.logcumsumexp(  # (B, T, 2V): log sum exp(z) relu(v), then relu(-v)
+            torch.cat([v, -v], dim=-1).clamp_(min=0).log_() + torch.cat([z_v, z_v], dim=-1), 1)
+        pos, neg = pos_neg.chunk(2, dim=-1)
+        old = (self.den.index_select(-1, self.value_head)[:, None] - den_v).exp()
+        mean = self.mean[:, None] * old + (pos - den_v).exp() - (neg - den_v).exp()
+        self.den.copy_(den[:, -1])
+        self.mean.copy_(mean[:, -1])
         self.count.add_(valid.sum(1, keepdim=True))
-        return self._scores(sums.reshape(B * T, -1)).reshape(B, T, -1)
+        return mean @ self.to_outputs
 
     def _update_one(self, proj: Tensor, valid: Tensor | None) -> Tensor:
         """One token per row: proj (B, K), valid (B, 1) or None (all real) -> scores (B, O).
-        Each log-sum gains one term (one logaddexp into the state); an invalid token's terms
-        are all -inf, so each adds exp(-inf) = 0."""
+        Mostly the kinds of kernel the model has just run itself (mul, add, matmul): on a CPU a
+        kernel's first call in a step costs more than its size (module docstring)."""
         G = self.pack.n_heads
-        z = torch.addcmul(proj[:, :G], self.count, self.slope)  # (B, G): index = count
-        both = (proj[:, None, G:] * self._sign).clamp_(min=0).log_()  # (B, 2, V): +v, -v
-        terms = torch.cat([z, self._add_head_logits(both.view(self.batch_size, -1), z)], 1)
+        z = proj[:, :G] + self.count * self.slope  # (B, G): this token's index is count
         if valid is None:
             self.count.add_(1.0)
         else:
-            terms.masked_fill_(~valid.to(torch.bool), -math.inf)
+            z.masked_fill_(~valid.to(torch.bool), -math.inf)
             self.count.add_(valid)
-        torch.logaddexp(self.state, terms, out=self.state)
-        return self._scores(self.state)
-
-    def _value_terms(self, v: Tensor, z: Tensor) -> Tensor:
-        """(..., 2V): log(relu(v)) then log(relu(-v)), plus each value column's head logit,
-        from v (..., V) and the logits z (..., G)."""
-        return self._add_head_logits(torch.cat([v, -v], dim=-1).clamp_(min=0).log_(), z)
-
-    def _add_head_logits(self, terms: Tensor, z: Tensor) -> Tensor:
-        """terms (..., 2V) [pos | neg] += each column's head logit from z (..., G), in place."""
-        if self._uniform is None:
-            return terms.add_(z.index_select(-1, self.head_of))
-        P, H, C = self._uniform
-        lead = terms.shape[:-1]
-        terms.view(*lead, 2, P, H, C).add_(z.view(*lead, 1, P, H, 1))
-        return terms
+        torch.logaddexp(self.den, z, out=self.den)
+        weight = z.sub_(self.den).exp_() @ self.to_values  # (B, V): the new token's weight
+        self.mean.lerp_(proj[:, G:], weight)
+        return self.mean @ self.to_outputs
 
     def current(self) -> Tensor:
         """(B, O): each row's scores after all tokens fed so far (0 where none was valid)."""
-        return self._scores(self.state)
-
-    def _scores(self, sums: Tensor) -> Tensor:
-        """(N, O) from log-sums (N, G + 2V) [den | pos | neg]: per value column
-        exp(pos - den) - exp(neg - den), summed over each probe's heads."""
-        G, V, N = self.pack.n_heads, self.pack.n_values, sums.shape[0]
-        den, pos_neg = sums[:, :G], sums[:, G:].view(N, 2, V)
-        if self._uniform is not None:  # (N, 2, P, H, C) - (N, 1, P, H, 1)
-            P, H, C = self._uniform
-            ratio = (pos_neg.view(N, 2, P, H, C) - den.view(N, 1, P, H, 1)).exp_()
-            return (ratio[:, 0] - ratio[:, 1]).sum(2).view(N, P * C)
-        ratio = (pos_neg - den.index_select(1, self.head_of[:V])[:, None]).exp_()  # (N, 2, V)
-        out = ratio.new_zeros(N, self.pack.n_outputs)  # (N, O)
-        return out.index_add_(1, self.value_output, ratio[:, 0] - ratio[:, 1])
+        return self.mean @ self.to_outputs
