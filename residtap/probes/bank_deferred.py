@@ -9,8 +9,10 @@
 
 A decode step that scores one token per row does not multiply at all: each site keeps a
 reference to its (B, 1, d) hidden state (a fresh tensor the model never writes into again;
-under torch.compile, a copy into a staging ring of K steps at a ring index held in one device
-tensor, written in place so a compiled step reads it at a fixed address), and the bank later
+under torch.compile, a copy into a staging ring of K steps at the ring index the site's own
+device counter holds, which the compiled step advances itself and each readout sets back to
+0, so a compiled step reads it at a fixed address and an eager step runs no kernel for it),
+and the bank later
 reads all staged steps with one matmul per site, so the probe weights are read once per K steps
 instead of once per step. Attention streams (bank_readouts.py) are fed the n staged steps in order
 at the flush, with the real-token mask each step had (`add_step(slot, real)`: the step's slice
@@ -42,7 +44,7 @@ class DeferredReadout:
         self.flushes = 0  # readouts of staged steps done
         self._held: dict[str, list[Tensor]] = {}  # site -> the staged steps' hidden (eager)
         self._ring: dict[str, Tensor] = {}  # site -> (steps, B, d) staged rows (compiled)
-        self._at: Tensor | None = None  # (1,) long: the ring index this forward stages into
+        self._at: dict[str, Tensor] = {}  # site -> (1,) long: its next ring index (compiled)
         self._real: list[Tensor | None] = []  # per staged step: (B, 1) mask slice, or None
         self._batch, self._device = 0, torch.device("cpu")
 
@@ -55,7 +57,7 @@ class DeferredReadout:
             p.site.name: torch.zeros(self.steps, batch, p.weight.shape[1],
                                      dtype=p.weight.dtype, device=device) for p in packs
         }
-        self._at = torch.zeros(1, dtype=torch.long, device=device)
+        self._at = {p.site.name: torch.zeros(1, dtype=torch.long, device=device) for p in packs}
 
     def continues(self, slot: int) -> bool:
         """Can a step filling `slot` join the staged ones (room left, the next slot)?"""
@@ -68,14 +70,15 @@ class DeferredReadout:
             self.first = slot
             self._real.clear()
         self._real.append(real)
-        self._at.fill_(self.pending)  # in place: the same address every step
         self.pending += 1
 
     def stage(self, pack: SitePack, hidden: Tensor) -> None:
         """Keep one site's (B, 1, d) hidden state of the staging forward; no work now."""
         if torch.compiler.is_compiling():
             h = hidden[:, -1].to(pack.weight.dtype)[None]  # (1, B, d)
-            self._ring[pack.site.name].index_copy_(0, self._at, h)
+            at = self._at[pack.site.name]
+            self._ring[pack.site.name].index_copy_(0, at, h)
+            at.add_(1)
         else:
             self._held[pack.site.name].append(hidden)  # (B, 1, d)
 
@@ -90,6 +93,7 @@ class DeferredReadout:
                 held.clear()
             else:  # compiled forwards: the staging ring
                 h = self._ring[site][:n].transpose(0, 1)
+                self._at[site].zero_()
             if h.shape[1] != n:
                 raise RuntimeError(f"site {site!r} staged {h.shape[1]} steps but {n} forwards "
                                    "ran; mixing compiled and eager forwards in one deferred "

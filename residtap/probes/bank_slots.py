@@ -65,6 +65,7 @@ class SlotPlanner:
         self.positions, self.max_tokens = positions, max_tokens
         self.valid = torch.zeros(batch, max_tokens, dtype=torch.bool, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self._running = self.active[:, None]  # (B, 1) view: follows `active` in place
         self.run_id = -1
         self.prompt_len = 0
         self.filled = 0
@@ -84,7 +85,7 @@ class SlotPlanner:
         # (B, T): which of this forward's tokens are real (None: all of them)
         needs_real = past == 0 or mode == "all"
         real = mask[:, past:].bool() if mask is not None and needs_real else None
-        running = self.active[:, None]  # (B, 1)
+        running = self._running  # (B, 1)
         if mode in ("generated", "last") and past == 0:
             if real is None:
                 slots = ForwardSlots(0, 1, running, last_only=True)
