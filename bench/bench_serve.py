@@ -1,7 +1,7 @@
 """Load bench: `residtap serve` with 1000 packed probes vs the same server with nothing attached.
 
     python bench/bench_serve.py [--models organism reference] [--clients 1 8 32] [--repeats 3]
-                                [--threads 1] [--control] [--out bench/results]
+                                [--threads 1] [--control] [--window-scale 1] [--out bench/results]
 
 For each model two servers run side by side, each in its own process on its own copy of the
 same weights (transformers' continuous batching, greedy, the CPU paged-cache sizes of
@@ -229,7 +229,8 @@ def bench_model(model_name: str, args: argparse.Namespace, port: int) -> list[di
             for clients in args.clients:
                 order = ["plain", "probes"] if r % 2 == 0 else ["probes", "plain"]
                 for v in order:
-                    total = WINDOW.get((model_name, clients), max(clients, 16))
+                    total = round(args.window_scale
+                                  * WINDOW.get((model_name, clients), max(clients, 16)))
                     res = asyncio.run(window(bases[v], model_name,
                                              asks if v == "probes" else None, clients, total,
                                              prompt_list, procs[v].pid))
@@ -295,6 +296,8 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--probes", type=int, default=1000)
+    p.add_argument("--window-scale", type=float, default=1.0,
+                   help="requests per window = this x WINDOW's count (longer windows, less noise)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     p.add_argument("--control", action="store_true", help="A/A: the 'probes' server gets no "
                    "bank and its requests ask nothing (the cost column is then the noise)")

@@ -32,9 +32,10 @@ readout) gets the exact value after every one of its tokens without a Python loo
 weighted sum in log form, split into positive and negative parts (log sum_s exp(z_s)
 relu(+-v_s)), so logits inside a chunk may differ by hundreds without underflow; then
 mean_t = mean exp(den - den_t) + exp(pos_t - den_t) - exp(neg_t - den_t), each term bounded by
-max |v|. The score is the sum over heads of the means. When every probe has the same heads and
-outputs, the value columns are a (P, H, C) grid: a head's weight reaches its value columns by
-broadcasting and the sum over heads is a reshape, not an `index_add`.
+max |v|. The score is the sum over heads of the means. A head's weight reaches its value
+columns, and the value columns their outputs, through matmuls with fixed 0/1 matrices
+(`to_values` (G, V), `to_outputs` (V, O)): exact, one 1 per column, and a matmul is a kernel
+the model runs itself.
 
 `den` starts at the dtype's lowest finite value, not -inf, and `mean` at 0: a row that has seen
 no valid token scores exactly 0, and the first valid token gets weight exp(0) = 1 with no NaN
