@@ -115,13 +115,16 @@ def test_stream_float32_within_float_tolerance():
     assert_matches(got.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_large_logit_ranges_inside_one_chunk_stay_exact():
-    """Position slopes of +-8 over 64 tokens give logits hundreds apart within a chunk: a shared
-    reference maximum would underflow the early prefixes; the log-sum form does not."""
+@pytest.mark.parametrize("chunks", [[64], [1] * 64, [20] + [1] * 10 + [34]],
+                         ids=["one_chunk", "token_by_token", "mixed"])
+def test_large_logit_ranges_stay_exact(chunks):
+    """Position slopes of +-8 over 64 tokens give logits hundreds apart: within a chunk a shared
+    reference maximum would underflow the early prefixes (the log-sum form does not), and token
+    by token each new weight is exp(+-hundreds) against the running denominator."""
     named = probes(slope=8.0)
     x, mask = left_padded_activations(2, 64)
     ref = offline_prefix_scores(named, x, mask)
-    got = stream_in_chunks(named, x, mask, [64])
+    got = stream_in_chunks(named, x, mask, chunks)
     assert got.isfinite().all()
     assert_matches(got, ref, atol=1e-9, rtol=1e-9)
 
