@@ -125,8 +125,8 @@ class BankRun(TapBlock):
         self._slot_base = torch.arange(max_tokens, device=dev)  # (max_tokens,)
         self._slot_buf = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self._slot_one = self._slot_buf[:1]  # a decode step's slot: one fill, no slicing
-        # each site's columns of the score buffer, (B, max_tokens, P_site) views
-        self._score_views = {p.site.name: self.scores[:, :, p.start:p.stop] for p in self.packs}
+        self._score_views = {p.site.name: self.scores[:, :, p.start:p.stop]  # (B, max, P_site)
+                             for p in self.packs}
         self.batch_size, self.max_tokens = batch, max_tokens
         log.info("probe bank buffers: scores (%d, %d, %d) %s on %s", batch, max_tokens, P,
                  self.dtype, dev)
@@ -232,21 +232,18 @@ class BankRun(TapBlock):
         # the slot index a compiled readout writes at: one buffer, written in place
         if slots.width == 1:
             self._slot_index = self._slot_one.fill_(slots.lo)
-        else:
-            self._slot_index = self._slot_buf[:slots.width]
-            torch.add(self._slot_base[:slots.width], slots.lo, out=self._slot_index)
+        else:  # the slots lo..hi-1
+            self._slot_index = torch.add(self._slot_base[:slots.width], slots.lo,
+                                         out=self._slot_buf[:slots.width])
         if self.aggregator.names:
             self.aggregator.prepare(slots.weights.to(self.dtype))
 
     def _real_tokens(self, real: Tensor | None, step: Step) -> Tensor | None:
-        """(B, T) bool: which of this forward's tokens are real, for the attention streams
-        (None: all of them); a one-token step's lives in one buffer written in place (a fixed
-        address)."""
-        if real is None:
-            return None
-        if step.length == 1:
+        """(B, T) bool: this forward's real tokens, for the attention streams (None: all); a
+        one-token step's lives in one buffer written in place (a fixed address)."""
+        if real is not None and step.length == 1:
             return self._valid_step.copy_(real)
-        return real.to(self.device, torch.bool)
+        return None if real is None else real.to(self.device, torch.bool)
 
     # -- per site: the device side ------------------------------------------------------------
     def read(self, pack: SitePack, hidden: Tensor, step: Step) -> None:
