@@ -99,7 +99,8 @@ class Engine:
             if args:  # rare: HF callers pass keywords; bind positionals to their names
                 kwargs = {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
             self.step = next_step(self.step, kwargs)
-            self._fired = set()
+            if self._stop:  # early stop counts the sites that fired in this forward
+                self._fired = set()
             for callback in self._callbacks:  # e.g. the probe bank plans its slots
                 callback(self.step)
         finally:
@@ -108,9 +109,10 @@ class Engine:
                 clock.hook_calls += 1
 
     def _site_done(self, site: Site) -> None:
-        self._fired.add(site)
-        if self._stop and self._wanted <= self._fired:
-            raise StopForward
+        if self._stop:  # (hashing a Site costs a Python call: only when early stop counts)
+            self._fired.add(site)
+            if self._wanted <= self._fired:
+                raise StopForward
 
     # -- registration ----------------------------------------------------------------------
     def add(self, block: TapBlock, site: Site, tap_fn: Tap) -> None:
