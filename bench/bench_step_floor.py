@@ -8,8 +8,8 @@ hooks per decode step (residtap.engine.timing), median over repeats, the variant
                    bookkeeping, one site handler)
     linear         a bank of one linear probe at the middle layer, read every step / deferred
     attention      the `bench readouts` attention bank (8 probes x 4 heads), same two modes
-and, inside a forward pre-hook that does nothing else, a kernel's cost on its first call in a
-step against the same call right after it (torch.exp of a (1, 32) tensor): on a CPU whose
+and, inside a tap that does nothing else, a kernel's cost on its first call in a step against
+the same call right after it (torch.exp of a (1, 32) tensor): on a CPU whose
 caches the model's own kernels have just filled, the first call of each kind of kernel costs
 several times its warm cost, so what a step pays depends on how many kinds it runs.
 """
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 got[v].append(in_hooks(v))
-        first, second = kernel_first_call(model, generate)
+        first, second = kernel_first_call(model, site, generate)
     step_ms = statistics.median(s for _, s in got["baseline"]) / NEW * 1e3
     print(f"{args.model}, batch {args.batch}: baseline {step_ms:.2f} ms per decode step "
           f"(median of {args.repeats}); time inside residtap's hooks per step:")
@@ -86,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(us)
         print(f"  {v:20s} {med:7.1f} us  [{min(us):.1f}, {max(us):.1f}]  "
               f"{100 * med / (step_ms * 1e3):5.2f}% of a step")
-    print(f"a kernel inside a step (torch.exp, (1, 32)): first call {first:.1f} us, "
+    print(f"a kernel inside a tap (torch.exp, (1, 32)): first call {first:.1f} us, "
           f"the same call right after {second:.1f} us (medians over {NEW * 3} steps)")
     return 0
 
 
-def kernel_first_call(model: torch.nn.Module, generate) -> tuple[float, float]:
-    """Median µs of a kernel's first and second call inside a forward pre-hook."""
+def kernel_first_call(model: torch.nn.Module, site: str, generate) -> tuple[float, float]:
+    """Median µs of a kernel's first and second call inside a tap at `site`."""
     x = torch.randn(1, 32)
     first: list[float] = []
     second: list[float] = []
 
-    def hook(module, args, kwargs) -> None:
+    def probe_kernel(hidden: torch.Tensor, step) -> None:
         t0 = time.perf_counter()
         torch.exp(x)
         t1 = time.perf_counter()
@@ -106,12 +106,9 @@ def kernel_first_call(model: torch.nn.Module, generate) -> tuple[float, float]:
         first.append(t1 - t0)
         second.append(t2 - t1)
 
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with tap(model, {site: probe_kernel}):
         for _ in range(3):
             generate()
-    finally:
-        handle.remove()
     return statistics.median(first) * 1e6, statistics.median(second) * 1e6
 
 
