@@ -12,13 +12,12 @@ reference to its (B, 1, d) hidden state (a fresh tensor the model never writes i
 under torch.compile, a copy into a staging ring of K steps at the ring index the site's own
 device counter holds, which the compiled step advances itself and each readout sets back to
 0, so a compiled step reads it at a fixed address and an eager step runs no kernel for it),
-and the bank later
-reads all staged steps with one matmul per site, so the probe weights are read once per K steps
-instead of once per step. Attention streams (bank_readouts.py) are fed the n staged steps in order
-at the flush, with the real-token mask each step had (`add_step(slot, real)`: the step's slice
-of the attention mask, kept by reference, or None when the forward had no mask: all real). On a
-CPU, a small matmul right after a block's own kernels is several
-times slower than the same call in a warm loop; see BENCHMARKS.md.
+and the bank later reads all staged steps with one matmul per site, so the probe weights are
+read once per K steps instead of once per step. Attention streams (bank_readouts.py) are fed
+the n staged steps in order at the flush, with the real-token mask each step had
+(`add_step(slot, real)`: the step's slice of the attention mask, kept by reference, or None
+when the forward had no mask: all real). On a CPU, a small matmul right after a block's own
+kernels is several times slower than the same call in a warm loop; see BENCHMARKS.md.
 """
 
 from __future__ import annotations
