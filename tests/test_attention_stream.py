@@ -106,6 +106,17 @@ def test_stream_equals_offline_on_every_prefix_float64(chunks):
     assert_matches(got, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 1, 5]], ids=["token_by_token", "mixed"])
+def test_probes_of_one_shape_equal_offline(chunks):
+    """Probes with the same heads and outputs take the (P, H, C) grid path (broadcast and
+    reshape) instead of index_select / index_add: the same scores."""
+    named = {f"p{i}": random_probe(2, 3, ("from_start", "from_end")[i % 2], seed=10 + i)
+             for i in range(3)}
+    x, mask = left_padded_activations(3, 12)
+    ref = offline_prefix_scores(named, x, mask)
+    assert_matches(stream_in_chunks(named, x, mask, chunks), ref, atol=1e-10)
+
+
 def test_stream_float32_within_float_tolerance():
     named64 = probes()
     named32 = probes(torch.float32)

@@ -32,10 +32,10 @@ readout) gets the exact value after every one of its tokens without a Python loo
 weighted sum in log form, split into positive and negative parts (log sum_s exp(z_s)
 relu(+-v_s)), so logits inside a chunk may differ by hundreds without underflow; then
 mean_t = mean exp(den - den_t) + exp(pos_t - den_t) - exp(neg_t - den_t), each term bounded by
-max |v|. The score is the sum over heads of the means. A head's weight reaches its value
-columns, and the value columns their outputs, through matmuls with fixed 0/1 matrices
-(`to_values` (G, V), `to_outputs` (V, O)): exact, one 1 per column, and a matmul is a kernel
-the model runs itself.
+max |v|. The score is the sum over heads of the means. When every probe has the same heads and
+outputs, the value columns are a (P, H, C) grid: a head's weight reaches its value columns by
+broadcasting and the sum over heads is a reshape; otherwise an `index_select` and an
+`index_add`. Either way O(V) per token, not a (G, V) matmul.
 
 `den` starts at the dtype's lowest finite value, not -inf, and `mean` at 0: a row that has seen
 no valid token scores exactly 0, and the first valid token gets weight exp(0) = 1 with no NaN
@@ -227,15 +227,14 @@ class AttentionStream:
         device = torch.device(device) if device is not None else pack.weight.device
         self.pack = pack
         self.batch_size = batch_size
-        G, V, O = pack.n_heads, pack.n_values, pack.n_outputs
+        G, V = pack.n_heads, pack.n_values
         self.slope = pack.slope.to(device=device, dtype=dtype)  # (G,)
         self.value_head = pack.value_head.to(device)  # (V,)
-        # 0/1 matrices: each value column's head (G, V), each output's value columns (V, O);
-        # a matmul with them copies or sums exactly (one 1 per column; x * 0 = 0 for finite x)
-        self.to_values = torch.zeros(G, V, dtype=dtype, device=device)
-        self.to_values[pack.value_head.to(device), torch.arange(V, device=device)] = 1.0
-        self.to_outputs = torch.zeros(V, O, dtype=dtype, device=device)
-        self.to_outputs[torch.arange(V, device=device), pack.value_output.to(device)] = 1.0
+        self.value_output = pack.value_output.to(device)  # (V,)
+        # every probe with the same heads H and outputs C: the value columns are a (P, H, C)
+        # grid, reached from the heads by broadcasting and summed over H by a reshape
+        shapes = {(p.n_heads, p.n_outputs) for p in pack.probes}
+        self._grid = (len(pack.probes), *shapes.pop()) if len(shapes) == 1 else None
         self.floor = torch.finfo(dtype).min  # where `den` starts (module docstring)
         self.den = torch.full((batch_size, G), self.floor, dtype=dtype, device=device)
         self.mean = torch.zeros(batch_size, V, dtype=dtype, device=device)
@@ -286,12 +285,12 @@ class AttentionStream:
         self.den.copy_(den[:, -1])
         self.mean.copy_(mean[:, -1])
         self.count.add_(valid.sum(1, keepdim=True))
-        return mean @ self.to_outputs
+        return self._scores(mean.reshape(B * T, -1)).reshape(B, T, -1)
 
     def _update_one(self, proj: Tensor, valid: Tensor | None) -> Tensor:
         """One token per row: proj (B, K), valid (B, 1) or None (all real) -> scores (B, O).
-        Mostly the kinds of kernel the model has just run itself (mul, add, matmul): on a CPU a
-        kernel's first call in a step costs more than its size (module docstring)."""
+        Mostly kinds of kernel the model has just run itself (mul, add): on a CPU a kernel's
+        first call in a step costs more than its size (module docstring)."""
         G = self.pack.n_heads
         z = proj[:, :G] + self.count * self.slope  # (B, G): this token's index is count
         if valid is None:
@@ -300,10 +299,23 @@ class AttentionStream:
             z.masked_fill_(~valid.to(torch.bool), -math.inf)
             self.count.add_(valid)
         torch.logaddexp(self.den, z, out=self.den)
-        weight = z.sub_(self.den).exp_() @ self.to_values  # (B, V): the new token's weight
-        self.mean.lerp_(proj[:, G:], weight)
-        return self.mean @ self.to_outputs
+        weight = z.sub_(self.den).exp_()  # (B, G): the new token's softmax weight
+        v = proj[:, G:]  # (B, V)
+        if self._grid is None:
+            self.mean.lerp_(v, weight.index_select(1, self.value_head))
+        else:
+            P, H, C = self._grid
+            self.mean.view(-1, P, H, C).lerp_(v.view(-1, P, H, C), weight.view(-1, P, H, 1))
+        return self._scores(self.mean)
 
     def current(self) -> Tensor:
         """(B, O): each row's scores after all tokens fed so far (0 where none was valid)."""
-        return self.mean @ self.to_outputs
+        return self._scores(self.mean)
+
+    def _scores(self, mean: Tensor) -> Tensor:
+        """(N, O) from the per-value-column means (N, V): summed over each probe's heads."""
+        N = mean.shape[0]
+        if self._grid is not None:
+            P, H, C = self._grid
+            return mean.view(N, P, H, C).sum(2).view(N, P * C)
+        return mean.new_zeros(N, self.pack.n_outputs).index_add_(1, self.value_output, mean)
