@@ -280,7 +280,7 @@ class AttentionStream:
         pos_neg = torch.logcumsumexp(  # (B, T, 2V): log sum exp(z) relu(v), then relu(-v)
             torch.cat([v, -v], dim=-1).clamp_(min=0).log_() + torch.cat([z_v, z_v], dim=-1), 1)
         pos, neg = pos_neg.chunk(2, dim=-1)
-        old = (self.den.index_select(-1, self.value_head)[:, None] - den_v).exp()
+        old = (self.den[:, None] - den).exp().index_select(-1, self.value_head)  # (B, T, V)
         mean = self.mean[:, None] * old + (pos - den_v).exp() - (neg - den_v).exp()
         self.den.copy_(den[:, -1])
         self.mean.copy_(mean[:, -1])

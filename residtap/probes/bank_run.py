@@ -269,7 +269,7 @@ class BankRun(TapBlock):
         cols = slice(pack.start, pack.stop)
         if torch.compiler.is_compiling():
             # a device index: the graph must not specialise on the step's Python ints
-            self.scores[:, :, cols].index_copy_(1, self._slot_index, s.to(self.dtype))
+            self._score_views[pack.site.name].index_copy_(1, self._slot_index, s.to(self.dtype))
         else:  # the same write, as a slice (cheaper in eager mode)
             self._score_views[pack.site.name][:, slots.lo:slots.hi] = s
         if self.aggregator.names:
@@ -313,7 +313,7 @@ class BankRun(TapBlock):
         for pack in self.packs:
             h = staged[pack.site.name]  # (B, n, d)
             s = self._site_scores(pack, h, real)  # (B, n, P_site), the n steps in order
-            self.scores[:, lo:hi, pack.start:pack.stop] = s
+            self._score_views[pack.site.name][:, lo:hi] = s
             if self.aggregator.names:
                 self.aggregator.add(slice(pack.start, pack.stop), s.to(self.dtype))
 

@@ -94,7 +94,7 @@ class SlotPlanner:
                 slots = ForwardSlots(0, 1, running & (last >= 0)[:, None], last.clamp(min=0))
         elif mode == "generated":
             first = past - self.prompt_len + 1
-            slots = ForwardSlots(first, first + T, running.expand(B, T) if T > 1 else running)
+            slots = ForwardSlots(first, first + T, running.expand(B, T))
         elif mode == "prompt" and past == 0:
             slots = ForwardSlots(0, T, real if real is not None else running.expand(B, T))
         elif mode == "all":
