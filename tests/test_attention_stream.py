@@ -284,3 +284,5 @@ def test_refusals_say_what_and_how():
         pack.outputs_of("zz")
     with pytest.raises(ValueError, match="batch_size"):
         AttentionStream(pack, 0)
+    with pytest.raises(ValueError, match=r"float32 or float64, got torch.bfloat16; pass dtype="):
+        AttentionStream(pack, 2, dtype=torch.bfloat16)

@@ -223,7 +223,8 @@ class AttentionStream:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the stream's state is float32 or float64, got {dtype}")
+            raise ValueError(f"the stream's state is float32 or float64, got {dtype}; pass "
+                             "dtype=torch.float32 (the default) or torch.float64")
         device = torch.device(device) if device is not None else pack.weight.device
         self.pack = pack
         self.batch_size = batch_size
