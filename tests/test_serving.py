@@ -208,6 +208,38 @@ def test_python_api_per_request_steering_and_scores(parts):
 
 
 @needs_cb
+def test_requests_that_ask_nothing_are_left_alone(parts):
+    """A run with probes and vectors attached whose requests ask for nothing: its forwards are
+    counted, nothing is read back, tokens and log-probabilities are bit-identical to a manager
+    with nothing attached; the count of asking requests goes back to 0 as they are forgotten."""
+    model, tok, bank, vectors = parts
+    prompts, n = _prompts(tok, 3), 4
+
+    def manager():
+        config = cb.serving_config(**SIZES)
+        config.return_logprobs = True
+        return model.init_continuous_batching(generation_config=_generation_config(n),
+                                              continuous_batching_config=config)
+
+    plain = manager()
+    base = _run_to_end(plain, [plain.add_request(p, request_id=f"p{i}", max_new_tokens=n)
+                               for i, p in enumerate(prompts)])
+    served = manager()
+    run = attach(served, bank=bank, vectors=vectors)
+    with run:
+        asking = run.add_request(prompts[0], max_new_tokens=n, probes=["early"])
+        run.forget(asking)  # registered, then forgotten before it runs: asks nothing any more
+        served.cancel_request(asking)
+        rids = [run.add_request(p, request_id=f"p{i}", max_new_tokens=n, steer=("mood", 0.0))
+                for i, p in enumerate(prompts)]
+        out = _run_to_end(served, rids)
+    assert run._asking == 0 and run.host_reads == 0 and run.forwards >= n
+    for rid in rids:
+        assert out[rid].generated_tokens == base[rid].generated_tokens
+        assert out[rid].logprobs == base[rid].logprobs
+
+
+@needs_cb
 def test_capture_records_only_the_requests_that_ask(parts):
     """Capture at layers.2 for two of three requests: each holds its own rows, prompt and fed
     tokens in position order, equal to HF's hidden_states[3] of its full sequence alone."""

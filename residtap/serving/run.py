@@ -15,7 +15,9 @@
 One tap block (residtap.engine) on the manager's model, opened with any_thread=True (the
 manager runs forwards on its own thread). Before each forward the block's on_forward asks the
 adapter (transformers_cb.py) for the forward's PackedLayout, puts it on `step.packed` and
-plans the forward from host-side ints; inside the forward the taps use only tensors:
+plans the forward from host-side ints (while no registered request asks for anything, it only
+counts the forward, and every tap leaves it alone); inside the forward the taps use only
+tensors:
 - probe scores: token k's score is read at the row that picks token k (the bank's
   "generated"), for requests that asked for scores or early exit. A tap at each site of the
   bank runs one `F.linear` of the packed probes (probes/bank_layout.py) over those rows; SAE
@@ -113,6 +115,7 @@ class ServingRun(TapBlock):
         self._specs: dict[str, RequestSpec] = {}
         self._records: dict[str, RequestRecord] = {}
         self._lock = threading.Lock()
+        self._asking = 0  # registered requests that ask for something (spec.asks)
         self._plan: _Plan | None = None
         self._column_index: dict[tuple[int, ...], Tensor] = {}
         self.forwards = 0  # packed forwards seen
@@ -158,6 +161,7 @@ class ServingRun(TapBlock):
                                  "id per request (or forget the old one first)")
             self._specs[request_id] = spec
             self._records[request_id] = RequestRecord(spec)
+            self._asking += spec.asks
 
     def add_request(self, input_ids: Sequence[int], *, request_id: str | None = None,
                     max_new_tokens: int | None = None, streaming: bool = False,
@@ -204,14 +208,18 @@ class ServingRun(TapBlock):
     def forget(self, request_id: str) -> None:
         """Drop a request's spec and results (the server does this when a response ends)."""
         with self._lock:
-            self._specs.pop(request_id, None)
+            spec = self._specs.pop(request_id, None)
             self._records.pop(request_id, None)
+            self._asking -= spec is not None and spec.asks
 
     # -- per forward ----------------------------------------------------------------------------
     def _on_forward(self, step: Step) -> None:
         self._plan = None
         if step.packed is None or not cb.in_manager_thread(self.manager):
             return  # not this manager's forward: the taps leave it alone
+        self.forwards += 1
+        if not self._asking:
+            return  # no request asks for anything: no layout to read, the taps leave it alone
         layout, states = cb.read_forward(self.manager)
         if layout.rows != step.length:
             raise RuntimeError(
@@ -220,7 +228,6 @@ class ServingRun(TapBlock):
                 f"({layout.request_ids}); residtap.serving.transformers_cb no longer matches "
                 "this release, so rows cannot be attributed to requests")
         step.packed = layout
-        self.forwards += 1
         pairs = [(seg, self._specs.get(seg.request_id, NOTHING)) for seg in layout.segments]
         specs = [s for _, s in pairs]
         scored = [(seg, s) for seg, s in pairs if s.scored and seg.token >= 0]

@@ -54,6 +54,11 @@ class RequestSpec:
     def steered(self) -> bool:
         return self.vector is not None and self.strength != 0.0
 
+    @property
+    def asks(self) -> bool:
+        """Does the request ask the run for anything (scores, early exit, steering, capture)?"""
+        return self.scored or self.steered or bool(self.capture)
+
     def crosses(self, score: float) -> bool:
         if self.direction == "above":
             return score > self.threshold
