@@ -168,6 +168,37 @@ def test_reset_starts_a_new_run_in_the_same_buffers():
     assert addresses == [t.data_ptr() for t in (stream.den, stream.mean, stream.count)]
 
 
+def test_rows_selected_fed_and_put_back_follow_their_own_sequences():
+    """A table of 4 rows (serving's request slots): rows 3 and 1 fed alone through select / put,
+    in chunks, then row 3 restarted, and the table grown: each row's scores equal the offline
+    probe on its own tokens; untouched rows keep theirs."""
+    named = probes()
+    pack = pack_attention_probes(named, dtype=torch.float64)
+    x = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    proj = F.linear(x, pack.weight, pack.bias)  # (4, 9, K)
+    every = torch.ones(4, 9, dtype=torch.bool)
+    ref = offline_prefix_scores(named, x, every)  # (4, 9, O)
+    table = AttentionStream(pack, 4, dtype=torch.float64)
+    table.update(proj[:, :4])  # every row's first 4 tokens
+    rows = torch.tensor([3, 1])
+    for start, stop in ((4, 7), (7, 8)):  # a chunk of 3, then a decode step
+        sub = table.select(rows)
+        got = sub.update(proj[rows, start:stop])
+        table.put(rows, sub)
+        assert_matches(got, ref[rows, start:stop], atol=1e-10)
+    assert_matches(table.current(), torch.stack([ref[0, 3], ref[1, 7], ref[2, 3], ref[3, 7]]),
+                   atol=1e-10)
+    table.reset_rows(torch.tensor([3]))  # row 3 starts again with row 0's tokens
+    sub = table.select(torch.tensor([3]))
+    assert_matches(sub.update(proj[:1, :5]), ref[:1, :5], atol=1e-10)
+    table.put(torch.tensor([3]), sub)
+    grown = table.grown(6)
+    assert torch.equal(grown.current()[:4], table.current())
+    assert (grown.current()[4:] == 0).all()
+    with pytest.raises(ValueError, match="keeps this one's 4 rows"):
+        table.grown(2)
+
+
 def test_column_layout_is_the_documented_one():
     named = probes()
     pack = pack_attention_probes(named, dtype=torch.float64)

@@ -44,7 +44,10 @@ def _generation_config(n: int):
 
 @pytest.fixture(scope="module")
 def parts():
-    """The organism, a bank of three probes (one multi-class) and its mood vector."""
+    """The organism, a bank of three linear probes (one multi-class) and a two-head attention
+    probe, and its mood vector."""
+    from residtap.probes.attention import AttentionProbe
+
     model, tok = organism.load()
     g = torch.Generator().manual_seed(0)
     bank = ProbeBank()
@@ -52,6 +55,10 @@ def parts():
     bank.add("mid", torch.randn(1, 128, generator=g) / 4, site="layers.3")
     bank.add("topic", torch.randn(3, 128, generator=g) / 4, site="layers.5",
              classes=["a", "b", "c"])
+    bank.add_probe(AttentionProbe(
+        query=torch.randn(2, 128, generator=g) / 4, position_weight=torch.tensor([0.3, -0.2]),
+        value=torch.randn(2, 1, 128, generator=g) / 4, bias=torch.tensor([0.1]), classes=[0, 1],
+        site="layers.2", position="from_start"), name="pool")
     mood = SteeringVector.from_pairs(model, tok, organism.read_jsonl("mood_pairs")[:64],
                                      site="layers.3")
     return model, tok, bank, {"mood": mood}
@@ -278,7 +285,10 @@ def test_taps_leave_no_hook_after_an_exception(parts):
 
 @needs_cb
 def test_attach_refuses_managers_it_cannot_follow(parts):
-    model, _, bank, vectors = parts
+    model, _, _, vectors = parts
+    g = torch.Generator().manual_seed(1)
+    bank = (ProbeBank().add("mid", torch.randn(1, 128, generator=g), site="layers.3")
+            .add("topic", torch.randn(3, 128, generator=g), site="layers.5", classes=[0, 1, 2]))
     shared = cb.serving_config(**SIZES)
     shared.allow_block_sharing = True
     manager = model.init_continuous_batching(generation_config=_generation_config(4),
@@ -286,6 +296,14 @@ def test_attach_refuses_managers_it_cannot_follow(parts):
     with pytest.raises(ValueError, match="prefix.*steering would miss the shared rows"):
         attach(manager, vectors=vectors)
     attach(manager, bank=bank)  # scores of generated tokens do not depend on shared prefixes
+    from residtap.probes.attention import AttentionProbe
+
+    d = model.config.hidden_size
+    pooled = AttentionProbe(query=torch.ones(1, d), position_weight=torch.zeros(1),
+                            value=torch.ones(1, 1, d), bias=torch.zeros(1), classes=[0, 1],
+                            site="layers.2")
+    with pytest.raises(ValueError, match="prefix.*attention probes .*would miss the shared"):
+        attach(manager, bank=ProbeBank().add_probe(pooled, name="pooled"))
     with pytest.raises(TypeError, match="mapping name -> SteeringVector"):
         attach(manager, vectors=[vectors["mood"]])
     run = attach(manager, bank=bank)
@@ -356,7 +374,7 @@ def cases(parts):
         ids, n = tok(prompt)["input_ids"], 3 + (i * 5) % 10
         strength = 0.0 if i % 4 in (0, 2) else (1.5 if i % 8 < 4 else -1.5)
         tokens, scores = alone(parts, ids, n, strength)
-        ask: dict = {"probes": ["early", "topic"]} if i % 3 else {}
+        ask: dict = {"probes": ["early", "topic", "pool"]} if i % 3 else {}
         if strength:
             ask["steer"] = {"vector": "mood", "strength": strength}
         exit_at = None
@@ -416,7 +434,7 @@ def check_against_alone(case: dict, got: dict, tok) -> None:
         assert got["exit"] is None
     if "probes" in case["ask"]:
         n = len(case["tokens"])
-        for column in ("early", "topic:a", "topic:b", "topic:c"):
+        for column in ("early", "topic:a", "topic:b", "topic:c", "pool"):
             mine = torch.tensor([row[column] for row in got["scores"]])
             assert close(mine, case["scores"][column][:n]), (case["prompt"], column)
     else:
@@ -638,11 +656,9 @@ def test_probes_at_logits_are_refused(parts):
 
 
 @needs_cb
-def test_sae_features_are_served_and_attention_probes_refused():
+def test_sae_features_are_served():
     """The organism's TopK SAE, all its features (exact TopK) in the bank: every served request's
-    feature activations equal its prompt generated alone with the same bank on `generate`.
-    An attention probe (its pooling state would have to follow a request) is refused."""
-    from residtap.probes.attention import AttentionProbe
+    feature activations equal its prompt generated alone with the same bank on `generate`."""
     from residtap.sae import load_sae
 
     model, tok = organism.load()  # its own copy: the module's server holds taps on parts[0]
@@ -668,15 +684,54 @@ def test_sae_features_are_served_and_attention_probes_refused():
         for column in theirs:
             assert close(mine[column], theirs[column]), column
 
+
+
+@needs_cb
+@pytest.mark.parametrize("batch_tokens", [512, 8])
+def test_attention_probes_are_served_each_request_pooling_its_own_tokens(batch_tokens):
+    """Attention probes (two of one shape with a linear probe at layers.3, a three-class one at
+    layers.5) on 15 requests at once, 9 reading them (more than the first slot table holds):
+    every request that reads them gets, per token, its prompt's scores generated alone with the
+    same bank on `generate`, whatever else shares the forwards: requests reading only the linear
+    probe, or nothing. batch_tokens=8 splits prompts over forwards (prefill chunks that pick no
+    token)."""
+    from residtap.probes.attention import AttentionProbe
+
+    model, tok = organism.load()  # its own copy: the module's server holds taps on parts[0]
     g = torch.Generator().manual_seed(0)
     d = model.config.hidden_size
-    probe = AttentionProbe(query=torch.randn(2, d, generator=g), position_weight=torch.zeros(2),
-                           value=torch.randn(2, 1, d, generator=g), bias=torch.zeros(1),
-                           classes=[0, 1], site="layers.3")
+
+    def probe(heads: int, classes: list, site: str, position: str) -> AttentionProbe:
+        c = 1 if len(classes) == 2 else len(classes)  # outputs: one logit when binary
+        return AttentionProbe(query=torch.randn(heads, d, generator=g) / 4,
+                              position_weight=torch.randn(heads, generator=g) / 4,
+                              value=torch.randn(heads, c, d, generator=g) / 4,
+                              bias=torch.randn(c, generator=g), classes=classes, site=site,
+                              position=position)
+
+    bank = (ProbeBank().add("lin", torch.randn(1, d, generator=g) / 4, site="layers.3")
+            .add_probe(probe(2, [0, 1], "layers.3", "from_start"), name="att")
+            .add_probe(probe(2, [0, 1], "layers.3", "from_end"), name="att2")
+            .add_probe(probe(1, ["a", "b", "c"], "layers.5", "from_end"), name="topic"))
+    asks = [["att", "lin"], ["lin"], ["att2", "topic"], None, ["topic", "att", "att2"]] * 3
+    prompts, n = _prompts(tok, len(asks)), 5
     manager = model.init_continuous_batching(
-        generation_config=_generation_config(4),
-        continuous_batching_config=cb.serving_config(**SIZES))
-    hooks = count_hooks(model)
-    with pytest.raises(ValueError, match=r"attention probes \['att'\] cannot be served"):
-        attach(manager, bank=ProbeBank().add_probe(probe, name="att"))
-    assert count_hooks(model) == hooks  # refused before any hook went in
+        generation_config=_generation_config(n), continuous_batching_config=cb.serving_config(
+            num_blocks=128, page_size=32, max_batch_tokens=batch_tokens))
+    run = attach(manager, bank=bank)
+    with run:
+        rids = [run.add_request(p, max_new_tokens=n, probes=a)
+                for p, a in zip(prompts, asks, strict=True)]
+        out = _run_to_end(manager, rids)
+    assert run.streams.tables[0].batch_size == 16  # nine streamed requests outgrew 8 slots
+    for rid, p, a in zip(rids, prompts, asks, strict=True):
+        with bank.attach(model, max_tokens=n) as alone_run:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=EOS, pad_token_id=0)
+        assert out[rid].generated_tokens == ids[0, len(p):].tolist()
+        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
+        columns = [c for c in theirs if c.split(":")[0] in (a or [])]
+        assert sorted(mine) == sorted(columns)
+        for column in columns:
+            assert len(mine[column]) == len(out[rid].generated_tokens)
+            assert close(mine[column], theirs[column]), (rid, column)

@@ -63,6 +63,7 @@ place of softmax) cannot come in: anything but an AttentionProbe is refused with
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ class AttentionStream:
     stream.update(proj)          # every token real (no padding)
     stream.current()             # (B, O): each row's score after the tokens seen so far
     stream.reset()               # a new run: forget every token (in place, same buffers)
+    sub = stream.select(rows)    # rows (S,) long of it, as a stream of S rows: feed it, then
+    stream.put(rows, sub)        # write their state back (a table of request slots, serving)
 
     State dtype: float32 by default, whatever the model's (bf16 projections are upcast);
     buffers live on `device` (default: the pack's) and keep their addresses for the stream's
@@ -250,6 +253,38 @@ class AttentionStream:
         self.den.fill_(self.floor)
         self.mean.zero_()
         self.count.zero_()
+
+    def select(self, rows: Tensor) -> AttentionStream:
+        """A stream of the same probes over `rows` (long (S,)) of this one, with a copy of their
+        state; after feeding it, `put(rows, it)` writes the state back."""
+        sub = copy.copy(self)  # shares the probes' constants, not the state
+        sub.batch_size = int(rows.shape[0])
+        sub.den, sub.mean, sub.count = (t.index_select(0, rows) for t in self._state())
+        return sub
+
+    def put(self, rows: Tensor, sub: AttentionStream) -> None:
+        """Write `sub`'s state (a select(rows), fed since) back into `rows`."""
+        for mine, theirs in zip(self._state(), sub._state(), strict=True):
+            mine.index_copy_(0, rows, theirs)
+
+    def reset_rows(self, rows: Tensor) -> None:
+        """Forget every token of `rows` (long (S,)), in place: new sequences start there."""
+        self.den.index_fill_(0, rows, self.floor)
+        self.mean.index_fill_(0, rows, 0.0)
+        self.count.index_fill_(0, rows, 0.0)
+
+    def grown(self, batch_size: int) -> AttentionStream:
+        """A stream of `batch_size` rows whose first rows hold this one's state."""
+        if batch_size < self.batch_size:
+            raise ValueError(f"a grown stream keeps this one's {self.batch_size} rows, so it needs "
+                             f"at least that many; got batch_size={batch_size}")
+        new = AttentionStream(self.pack, batch_size, dtype=self.den.dtype, device=self.den.device)
+        for mine, theirs in zip(new._state(), self._state(), strict=True):
+            mine[: self.batch_size] = theirs
+        return new
+
+    def _state(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.den, self.mean, self.count
 
     def update(self, proj: Tensor, valid: Tensor | None = None) -> Tensor:
         """Feed T tokens: proj (B, T, K) the pack's columns of the site's matmul, valid (B, T)

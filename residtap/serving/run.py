@@ -24,8 +24,10 @@ tensors:
   feature columns then go through their activation (and folded probe) row by row
   (bank_readouts.site_scores). (Keeping each site's whole output for one matmul pass at the
   end of the forward measured the same time in the taps but ~3% more CPU in the model's own
-  ops: held outputs cannot be reused by the allocator.) Attention probes are refused: their
-  pooling state would have to follow each request across steps, which this run does not keep.
+  ops: held outputs cannot be reused by the allocator.) Attention probes pool over every token:
+  a site with them multiplies every row of the forward, and each request that reads them has
+  its rows (prompt chunks and generated tokens) fed to its own state, carried from forward to
+  forward in a slot table (serving/streams.py); the score at its token-picking row is read.
 - steering: at each steered site one writer adds strength * vector to every row of each
   steered request (prompt and generated: the steer(...) default positions="all"), through
   torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
@@ -60,6 +62,7 @@ from residtap.probes.bank_readouts import AttentionReadout, site_scores
 from residtap.serving import transformers_cb as cb
 from residtap.serving.layout import PackedLayout, Segment
 from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
+from residtap.serving.streams import Feed, RequestStreams
 from residtap.serving.taps import CaptureTap, ScoreTap, steer_taps
 from residtap.sites import Arch, Site, resolve_site
 from residtap.steering.direction import Direction
@@ -93,6 +96,8 @@ class _Plan:
     steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
     steer_sites: frozenset[Site]
     capture: list[tuple[Segment, RequestSpec]]
+    feed: Feed | None  # the rows of requests reading attention probes, by request slot
+    into: Tensor | None  # (R_read,) long: their places among the scored rows; None: all, in order
 
 
 class ServingRun(TapBlock):
@@ -108,7 +113,10 @@ class ServingRun(TapBlock):
             raise TypeError(f"vectors must be a mapping name -> SteeringVector, got "
                             f"{type(vectors).__name__}; e.g. vectors={{'mood': vec}}")
         vectors = dict(vectors or {})
-        cb.check_manager(manager, steering=bool(vectors), capture=bool(capture))
+        attention = bank is not None and any(isinstance(p.readout, AttentionReadout)
+                                             for p in bank.probes)
+        cb.check_manager(manager, steering=bool(vectors), capture=bool(capture),
+                         streams=attention)
         self.manager = manager
         model = manager.model
         self.device = device_of(model)
@@ -132,6 +140,7 @@ class ServingRun(TapBlock):
         for site, writer in writers.items():
             taps.setdefault(site, []).append(writer)
         self.packs = packs
+        self._streams(packs)
         for i, pack in enumerate(packs):
             taps.setdefault(pack.site, []).append(ScoreTap(self, i))
         for name, site in capture_sites.items():
@@ -211,6 +220,8 @@ class ServingRun(TapBlock):
             spec = self._specs.pop(request_id, None)
             self._records.pop(request_id, None)
             self._asking -= spec is not None and spec.asks
+        if self.streams is not None:
+            self.streams.release(request_id)
 
     # -- per forward ----------------------------------------------------------------------------
     def _on_forward(self, step: Step) -> None:
@@ -247,9 +258,38 @@ class ServingRun(TapBlock):
             sites = frozenset(site for site, writer in self._writers.items()
                               if any(k < K and writer.here[k] for k in picks))
         capture = [(seg, s) for seg, s in pairs if s.capture]
+        feed, into = None, None
+        fed = ([seg for seg, s in pairs if s.scored and self._streamed(s)]
+               if self.streams is not None else [])
+        if fed:  # requests reading attention probes: every row of theirs goes to their states
+            feed = self.streams.plan(fed, [seg.token >= 0 for seg in fed])
+            read = [seg.request_id for seg in fed if seg.token >= 0]  # in scored's row order
+            if len(read) != len(scored):
+                where = {seg.request_id: r for r, (seg, _) in enumerate(scored)}
+                into = torch.tensor([where[i] for i in read], device=self.device)
         self._plan = _Plan(layout, states, scored, rows, columns,
                            {c: j for j, c in enumerate(wanted)}, [None] * len(self.packs),
-                           steer, sites, capture)
+                           steer, sites, capture, feed, into)
+
+    def _streams(self, packs: list[SitePack]) -> None:
+        """The attention segments' per-request states (serving/streams.py) and their columns."""
+        segments: list[Any] = []
+        self._stream_of: dict[tuple[int, int], int] = {}  # (pack, segment) -> its table
+        attention: set[int] = set()
+        for i, pack in enumerate(packs):
+            column = pack.start + pack.n_linear
+            for j, segment in enumerate(pack.segments):
+                if segment.streams:
+                    self._stream_of[i, j] = len(segments)
+                    segments.append(segment)
+                    attention.update(range(column, column + segment.width))
+                column += segment.width
+        self.streams = RequestStreams(segments, self.device) if segments else None
+        self._attention_columns = frozenset(attention)
+
+    def _streamed(self, spec: RequestSpec) -> bool:
+        """Does the request read a column of an attention probe (then its rows all feed it)?"""
+        return not self._attention_columns.isdisjoint(spec.read_columns)
 
     def _columns(self, wanted: tuple[int, ...]) -> Tensor:
         found = self._column_index.get(wanted)
@@ -267,15 +307,38 @@ class ServingRun(TapBlock):
                                f"{plan.layout.rows}, d)")
         return hidden[0]
 
-    def site_scores(self, pack: SitePack, out: Tensor, plan: _Plan) -> Tensor:
-        """(R, P_site) scores of one bank site for the forward's scored rows, from its (N, d)
-        output."""
-        chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
-        proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
-        if pack.segments:  # SAE features: the activation (and a folded probe) per row
-            proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
-                               proj.dtype)[0]  # (R, P_site)
-        return proj
+    def site_scores(self, index: int, out: Tensor, plan: _Plan) -> Tensor | None:
+        """(R, P_site) scores of bank site `index` for the forward's scored rows, from its (N, d)
+        output. A site with attention probes first feeds every row of the streamed requests to
+        their states; then it returns None when no row is scored."""
+        pack = self.packs[index]
+        if not pack.streams:
+            chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
+            proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
+            if pack.segments:  # SAE features: the activation (and a folded probe) per row
+                proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
+                                   proj.dtype)[0]  # (R, P_site)
+            return proj
+        proj = F.linear(out, pack.weight, pack.bias)  # (N, M_site): attention reads every row
+        pooled = {j: self.streams.update(k, proj[:, pack.segments[j].cols], plan.feed)
+                  for (i, j), k in self._stream_of.items()
+                  if i == index and plan.feed is not None}  # (S_read, O) each
+        if not plan.scored:
+            return None
+        read = proj if plan.rows is None else proj.index_select(0, plan.rows)  # (R, M_site)
+        R = read.shape[0]
+        parts = [read[:, :pack.n_linear]] if pack.n_linear else []
+        for j, segment in enumerate(pack.segments):
+            if not segment.streams:
+                parts.append(segment(read[None, :, segment.cols], None, None)[0])
+            elif j not in pooled:  # no request of this forward reads it
+                parts.append(read.new_zeros(R, segment.width))
+            elif plan.into is None:  # every scored row is a streamed one, in order
+                parts.append(pooled[j])
+            else:
+                parts.append(pooled[j].new_zeros(R, segment.width).index_copy_(
+                    0, plan.into, pooled[j]))
+        return torch.cat([p.to(proj.dtype) for p in parts], dim=1)  # (R, P_site)
 
     def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
         plan, self._plan = self._plan, None
@@ -314,12 +377,6 @@ def _packs(bank: Any, model: Any, arch: Arch | None, allow_other_weights: bool
                              allow_other_weights=allow_other_weights)
     packs, columns, probe_columns, _ = bank.layout(model, arch)
     for pack in packs:
-        if pack.streams:
-            names = [p.name for p in bank.probes if isinstance(p.readout, AttentionReadout)]
-            raise ValueError(f"attention probes {names} cannot be served yet: each needs its "
-                             "pooling state carried across a request's steps, which the "
-                             "serving run does not keep; serve linear probes or SAE features, "
-                             "or run attention probes with ProbeBank.attach on generate")
         if pack.site.field is not None:
             raise ValueError(f"probes at {pack.site.name!r} cannot be served: under continuous "
                              "batching the model computes logits only for the rows that pick "

@@ -29,10 +29,10 @@ class ScoreTap:
 
     def __call__(self, hidden: Tensor, step: Step) -> None:
         plan = self.run._plan
-        if plan is not None and plan.scored:
+        if plan is not None and (plan.scored or plan.feed is not None):
             rows = self.run._rows(hidden, plan)  # (N, d)
-            plan.outputs[self.index] = self.run.site_scores(self.run.packs[self.index], rows,
-                                                            plan)  # (R, P_site)
+            plan.outputs[self.index] = self.run.site_scores(self.index, rows,
+                                                            plan)  # (R, P_site) or None
         return None
 
 

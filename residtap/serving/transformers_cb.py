@@ -111,7 +111,8 @@ def serving_config(*, max_batch_tokens: int | None = None, num_blocks: int | Non
                                     **{k: v for k, v in sizes.items() if v is not None})
 
 
-def check_manager(manager: Any, *, steering: bool = False, capture: bool = False) -> None:
+def check_manager(manager: Any, *, steering: bool = False, capture: bool = False,
+                  streams: bool = False) -> None:
     """ValueError naming the setting, for a manager whose forwards taps cannot follow."""
     cls = type(manager).__name__
     if cls != "ContinuousBatchingManager":
@@ -135,8 +136,9 @@ def check_manager(manager: Any, *, steering: bool = False, capture: bool = False
         raise ValueError(f"the manager forks every request into {manager.num_return_sequences} "
                          "sequences (num_return_sequences); residtap follows requests by id and "
                          "would not know the forks: use num_return_sequences=1")
-    if (steering or capture) and config.allow_block_sharing:
-        what = "steering" if steering else "capture"
+    if (steering or capture or streams) and config.allow_block_sharing:
+        what = ("steering" if steering else "capture" if capture
+                else "attention probes (which pool over every token)")
         raise ValueError(f"the manager shares KV blocks between requests with a common prompt "
                          f"prefix, so {what} would miss the shared rows (a steered request would "
                          "reuse another's unsteered KV)" + fix)
