@@ -22,7 +22,7 @@ tensors:
   "generated"), for requests that asked for scores or early exit. A tap at each site of the
   bank runs one `F.linear` of the packed probes (probes/bank_layout.py) over those rows; SAE
   feature columns then go through their activation (and folded probe) row by row
-  (bank_readouts.site_scores). (Keeping each site's whole output for one matmul pass at the
+  (bank_readouts.SAESegment). (Keeping each site's whole output for one matmul pass at the
   end of the forward measured the same time in the taps but ~3% more CPU in the model's own
   ops: held outputs cannot be reused by the allocator.) Attention probes pool over every token:
   a site with them multiplies every row of the forward, and each request that reads them has
@@ -58,7 +58,7 @@ from residtap.engine import Step, TapBlock
 from residtap.identity import check_same_model
 from residtap.inputs import device_of
 from residtap.probes.bank_layout import SitePack
-from residtap.probes.bank_readouts import AttentionReadout, site_scores
+from residtap.probes.bank_readouts import AttentionReadout
 from residtap.serving import transformers_cb as cb
 from residtap.serving.layout import PackedLayout, Segment
 from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
@@ -312,24 +312,21 @@ class ServingRun(TapBlock):
         output. A site with attention probes first feeds every row of the streamed requests to
         their states; then it returns None when no row is scored."""
         pack = self.packs[index]
-        if not pack.streams:
-            chosen = out if plan.rows is None else out.index_select(0, plan.rows)  # (R, d)
-            proj = F.linear(chosen, pack.weight, pack.bias)  # (R, M_site) matmul columns
-            if pack.segments:  # SAE features: the activation (and a folded probe) per row
-                proj = site_scores(pack, proj[None], None, [None] * len(pack.segments),
-                                   proj.dtype)[0]  # (R, P_site)
-            return proj
-        proj = F.linear(out, pack.weight, pack.bias)  # (N, M_site): attention reads every row
+        every_row = pack.streams and plan.feed is not None  # attention pools over every row
+        chosen = out if every_row or plan.rows is None else out.index_select(0, plan.rows)
+        proj = F.linear(chosen, pack.weight, pack.bias)  # (N or R, M_site) matmul columns
         pooled = {j: self.streams.update(k, proj[:, pack.segments[j].cols], plan.feed)
                   for (i, j), k in self._stream_of.items()
-                  if i == index and plan.feed is not None}  # (S_read, O) each
+                  if i == index and every_row}  # (S_read, O) each
         if not plan.scored:
             return None
-        read = proj if plan.rows is None else proj.index_select(0, plan.rows)  # (R, M_site)
+        read = proj if plan.rows is None or not every_row else proj.index_select(0, plan.rows)
+        if not pack.segments:
+            return read  # (R, P_site): linear probes' columns are their scores
         R = read.shape[0]
         parts = [read[:, :pack.n_linear]] if pack.n_linear else []
         for j, segment in enumerate(pack.segments):
-            if not segment.streams:
+            if not segment.streams:  # SAE features: the activation (and a folded probe)
                 parts.append(segment(read[None, :, segment.cols], None, None)[0])
             elif j not in pooled:  # no request of this forward reads it
                 parts.append(read.new_zeros(R, segment.width))
