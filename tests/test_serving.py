@@ -143,8 +143,9 @@ def test_adapter_assumptions(parts):
     assert outputs[ended].generated_tokens == outputs[rids[0]].generated_tokens[:1]
 
 
-def _run_to_end(manager, rids: list[str], *, start: bool = True) -> dict:
-    """Start the manager (if asked), wait for every request's final output, stop it."""
+def _run_to_end(manager, rids: list[str], *, start: bool = True, stop: bool = True) -> dict:
+    """Start the manager (if asked), wait for every request's final output, stop it (if asked,
+    and whenever the wait fails)."""
     if start:
         manager.start()
     outputs: dict = {}
@@ -155,7 +156,8 @@ def _run_to_end(manager, rids: list[str], *, start: bool = True) -> dict:
             if out is not None and out.is_finished():
                 outputs[out.request_id] = out
     finally:
-        manager.stop(block=True, timeout=60)
+        if stop or len(outputs) < len(rids):
+            manager.stop(block=True, timeout=60)
     assert set(outputs) == set(rids), f"missing outputs: {set(rids) - set(outputs)}"
     assert all(o.error is None for o in outputs.values()), [o.error for o in outputs.values()]
     return outputs
@@ -686,18 +688,11 @@ def test_sae_features_are_served():
 
 
 
-@needs_cb
-@pytest.mark.parametrize("batch_tokens", [512, 8])
-def test_attention_probes_are_served_each_request_pooling_its_own_tokens(batch_tokens):
-    """Attention probes (two of one shape with a linear probe at layers.3, a three-class one at
-    layers.5) on 15 requests at once, 9 reading them (more than the first slot table holds):
-    every request that reads them gets, per token, its prompt's scores generated alone with the
-    same bank on `generate`, whatever else shares the forwards: requests reading only the linear
-    probe, or nothing. batch_tokens=8 splits prompts over forwards (prefill chunks that pick no
-    token)."""
+def attention_bank(model) -> ProbeBank:
+    """A linear probe and two attention probes of one shape (from the start / end) at layers.3,
+    a three-class attention probe at layers.5."""
     from residtap.probes.attention import AttentionProbe
 
-    model, tok = organism.load()  # its own copy: the module's server holds taps on parts[0]
     g = torch.Generator().manual_seed(0)
     d = model.config.hidden_size
 
@@ -709,10 +704,38 @@ def test_attention_probes_are_served_each_request_pooling_its_own_tokens(batch_t
                               bias=torch.randn(c, generator=g), classes=classes, site=site,
                               position=position)
 
-    bank = (ProbeBank().add("lin", torch.randn(1, d, generator=g) / 4, site="layers.3")
+    return (ProbeBank().add("lin", torch.randn(1, d, generator=g) / 4, site="layers.3")
             .add_probe(probe(2, [0, 1], "layers.3", "from_start"), name="att")
             .add_probe(probe(2, [0, 1], "layers.3", "from_end"), name="att2")
             .add_probe(probe(1, ["a", "b", "c"], "layers.5", "from_end"), name="topic"))
+
+
+def served_as_alone(model, bank, run, out, requests, n: int, eos: int = EOS) -> None:
+    """Every request {rid: (prompt, probes asked)}: its tokens and the scores it asked for equal
+    its prompt generated alone on `generate` with the same bank attached."""
+    for rid, (prompt, asked) in requests.items():
+        with bank.attach(model, max_tokens=n) as alone_run:
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=0)
+        assert out[rid].generated_tokens == ids[0, len(prompt):].tolist()
+        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
+        columns = [c for c in theirs if c.split(":")[0] in (asked or [])]
+        assert sorted(mine) == sorted(columns)
+        for column in columns:
+            assert len(mine[column]) == len(out[rid].generated_tokens)
+            assert close(mine[column], theirs[column]), (rid, column)
+
+
+@needs_cb
+@pytest.mark.parametrize("batch_tokens", [512, 8])
+def test_attention_probes_are_served_each_request_pooling_its_own_tokens(batch_tokens):
+    """Attention probes on 15 requests at once, 9 reading them (more than the first slot table
+    holds): every request that reads them gets, per token, its prompt's scores generated alone
+    with the same bank on `generate`, whatever else shares the forwards: requests reading only
+    the linear probe, or nothing. batch_tokens=8 splits prompts over forwards (prefill chunks
+    that pick no token)."""
+    model, tok = organism.load()  # its own copy: the module's server holds taps on parts[0]
+    bank = attention_bank(model)
     asks = [["att", "lin"], ["lin"], ["att2", "topic"], None, ["topic", "att", "att2"]] * 3
     prompts, n = _prompts(tok, len(asks)), 5
     manager = model.init_continuous_batching(
@@ -724,14 +747,74 @@ def test_attention_probes_are_served_each_request_pooling_its_own_tokens(batch_t
                 for p, a in zip(prompts, asks, strict=True)]
         out = _run_to_end(manager, rids)
     assert run.streams.tables[0].batch_size == 16  # nine streamed requests outgrew 8 slots
-    for rid, p, a in zip(rids, prompts, asks, strict=True):
-        with bank.attach(model, max_tokens=n) as alone_run:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=EOS, pad_token_id=0)
-        assert out[rid].generated_tokens == ids[0, len(p):].tolist()
-        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
-        columns = [c for c in theirs if c.split(":")[0] in (a or [])]
-        assert sorted(mine) == sorted(columns)
-        for column in columns:
-            assert len(mine[column]) == len(out[rid].generated_tokens)
-            assert close(mine[column], theirs[column]), (rid, column)
+    requests = dict(zip(rids, zip(prompts, asks, strict=True), strict=True))
+    served_as_alone(model, bank, run, out, requests, n)
+
+
+@needs_cb
+def test_attention_probes_across_chunks_slot_reuse_and_soft_resets(monkeypatch):
+    """Forwards that feed a prompt chunk and score nothing, or score only requests that do not
+    read attention probes; requests forgotten and their slots reused; requests offloaded and
+    re-prefilled from position 0 (a cache too small for all of them): each streamed request's
+    scores equal its prompt generated alone."""
+    from residtap.serving.streams import RequestStreams
+
+    model, tok = organism.load()
+    bank = attention_bank(model)
+    plans, resets = [], []
+    plan, slot = RequestStreams.plan, RequestStreams._slot
+
+    def spy_plan(self, fed, places, n_scored):
+        plans.append((n_scored, places))
+        return plan(self, fed, places, n_scored)
+
+    def spy_slot(self, seg):
+        resets.append(seg.position == 0 and seg.request_id in self.fed)
+        return slot(self, seg)
+
+    monkeypatch.setattr(RequestStreams, "plan", spy_plan)
+    monkeypatch.setattr(RequestStreams, "_slot", spy_slot)
+    texts = [row["text"] for row in organism.read_jsonl("mood")[:4]]
+    long = [tok(t)["input_ids"][:20] for t in texts[:2]]
+    assert min(len(p) for p in long) > 8
+    asks = {"A": (tok("the cook")["input_ids"], ["lin"]), "B": (long[0], ["att"]),
+            "C": (tok(" ".join(texts[2].split()[:2]))["input_ids"], ["att", "lin"]),
+            "D": (long[1], ["att"])}
+    n = 4
+    manager = model.init_continuous_batching(
+        generation_config=_generation_config(n), continuous_batching_config=cb.serving_config(
+            num_blocks=64, page_size=32, max_batch_tokens=8))
+    run = attach(manager, bank=bank)
+    with run:
+        try:
+            for wave in ("", "2"):  # the second wave (in reverse) after the first is forgotten
+                requests = {rid + wave: asked for rid, asked in
+                            (asks.items() if not wave else reversed(asks.items()))}
+                for rid, (p, a) in requests.items():
+                    run.add_request(p, request_id=rid, max_new_tokens=n, probes=a)
+                out = _run_to_end(manager, list(requests), start=not wave, stop=False)
+                served_as_alone(model, bank, run, out, requests, n)
+                slots = set(run.streams.slot.values())  # wave 1's, then wave 2's: reused
+                for rid in requests:
+                    run.forget(rid)
+        finally:
+            manager.stop(block=True, timeout=60)
+    assert run.streams.tables[0].batch_size == 8 and len(slots) == 3  # the streamed B, C, D
+    assert set(run.streams.slot) == {"B2", "C2", "D2"} and set(run.streams.slot.values()) == slots
+    assert any(scored == 0 for scored, _ in plans)  # a chunk fed, nothing scored
+    assert any(scored and set(places) == {None} for scored, places in plans), plans  # none read
+
+    from transformers import GenerationConfig
+
+    prompts, n = [tok(t)["input_ids"][:12] for t in texts], 24  # 4 x 36 tokens, 64 in cache
+    manager = model.init_continuous_batching(
+        generation_config=GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=-1),
+        continuous_batching_config=cb.serving_config(num_blocks=8, page_size=8,
+                                                     max_batch_tokens=64))
+    run = attach(manager, bank=bank)
+    with run:
+        rids = [run.add_request(p, max_new_tokens=n, probes=["att", "lin"]) for p in prompts]
+        out = _run_to_end(manager, rids)
+    assert any(resets)  # some streamed request was re-prefilled from position 0
+    served_as_alone(model, bank, run, out, {r: (p, ["att", "lin"]) for r, p in
+                                             zip(rids, prompts, strict=True)}, n, eos=None)

@@ -20,14 +20,16 @@ counts the forward, and every tap leaves it alone); inside the forward the taps 
 tensors:
 - probe scores: token k's score is read at the row that picks token k (the bank's
   "generated"), for requests that asked for scores or early exit. A tap at each site of the
-  bank runs one `F.linear` of the packed probes (probes/bank_layout.py) over those rows; SAE
-  feature columns then go through their activation (and folded probe) row by row
-  (bank_readouts.SAESegment). (Keeping each site's whole output for one matmul pass at the
-  end of the forward measured the same time in the taps but ~3% more CPU in the model's own
-  ops: held outputs cannot be reused by the allocator.) Attention probes pool over every token:
-  a site with them multiplies every row of the forward, and each request that reads them has
-  its rows (prompt chunks and generated tokens) fed to its own state, carried from forward to
-  forward in a slot table (serving/streams.py); the score at its token-picking row is read.
+  bank runs one `F.linear` of the packed probes (probes/bank_layout.py) over those rows (every
+  row at a site with attention probes, below); SAE feature columns then go through their
+  activation (and folded probe) row by row (bank_readouts.SAESegment). (Keeping each site's
+  whole output for one matmul pass at the end of the forward measured the same time in the
+  taps but ~3% more CPU in the model's own ops: held outputs cannot be reused by the
+  allocator.) Attention probes pool over every token:
+  while a request that reads them is in the forward, a site with them multiplies every row,
+  and each such request has its rows (prompt chunks and generated tokens) fed to its own state,
+  carried from forward to forward in a slot table (serving/streams.py); the score at its
+  token-picking row is read.
 - steering: at each steered site one writer adds strength * vector to every row of each
   steered request (prompt and generated: the steer(...) default positions="all"), through
   torch.where as steering/inject.py does, so rows of unsteered requests are bit-identical.
@@ -38,7 +40,8 @@ tensors:
   the (R, U) scores of the U columns its requests asked for. Each row goes to its request id
   and token index, and an early-exit rule that crosses its threshold ends the request after
   this token (transformers_cb.finish_after: the manager's own finish, tokens kept). A forward
-  with no scored request computes and reads nothing.
+  with no scored request reads nothing back, and computes nothing but the attention probes of
+  requests whose prompt chunk picks no token yet.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from residtap.probes.bank_readouts import AttentionReadout
 from residtap.serving import transformers_cb as cb
 from residtap.serving.layout import PackedLayout, Segment
 from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
-from residtap.serving.streams import Feed, RequestStreams
+from residtap.serving.streams import Group, RequestStreams
 from residtap.serving.taps import CaptureTap, ScoreTap, steer_taps
 from residtap.sites import Arch, Site, resolve_site
 from residtap.steering.direction import Direction
@@ -96,8 +99,7 @@ class _Plan:
     steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
     steer_sites: frozenset[Site]
     capture: list[tuple[Segment, RequestSpec]]
-    feed: Feed | None  # the rows of requests reading attention probes, by request slot
-    into: Tensor | None  # (R_read,) long: their places among the scored rows; None: all, in order
+    feed: list[Group] | None  # the rows of requests reading attention probes, by request slot
 
 
 class ServingRun(TapBlock):
@@ -220,7 +222,7 @@ class ServingRun(TapBlock):
             spec = self._specs.pop(request_id, None)
             self._records.pop(request_id, None)
             self._asking -= spec is not None and spec.asks
-        if self.streams is not None:
+        if self.streams is not None and spec is not None and self._streamed(spec):
             self.streams.release(request_id)
 
     # -- per forward ----------------------------------------------------------------------------
@@ -229,6 +231,8 @@ class ServingRun(TapBlock):
         if step.packed is None or not cb.in_manager_thread(self.manager):
             return  # not this manager's forward: the taps leave it alone
         self.forwards += 1
+        if self.streams is not None:
+            self.streams.collect()  # before any spec is read: a forgotten request's slot
         if not self._asking:
             return  # no request asks for anything: no layout to read, the taps leave it alone
         layout, states = cb.read_forward(self.manager)
@@ -258,18 +262,16 @@ class ServingRun(TapBlock):
             sites = frozenset(site for site, writer in self._writers.items()
                               if any(k < K and writer.here[k] for k in picks))
         capture = [(seg, s) for seg, s in pairs if s.capture]
-        feed, into = None, None
+        feed = None
         fed = ([seg for seg, s in pairs if s.scored and self._streamed(s)]
                if self.streams is not None else [])
         if fed:  # requests reading attention probes: every row of theirs goes to their states
-            feed = self.streams.plan(fed, [seg.token >= 0 for seg in fed])
-            read = [seg.request_id for seg in fed if seg.token >= 0]  # in scored's row order
-            if len(read) != len(scored):
-                where = {seg.request_id: r for r, (seg, _) in enumerate(scored)}
-                into = torch.tensor([where[i] for i in read], device=self.device)
+            where = {seg.request_id: r for r, (seg, _) in enumerate(scored)}
+            feed = self.streams.plan(fed, [where.get(seg.request_id) for seg in fed],
+                                     len(scored))
         self._plan = _Plan(layout, states, scored, rows, columns,
                            {c: j for j, c in enumerate(wanted)}, [None] * len(self.packs),
-                           steer, sites, capture, feed, into)
+                           steer, sites, capture, feed)
 
     def _streams(self, packs: list[SitePack]) -> None:
         """The attention segments' per-request states (serving/streams.py) and their columns."""
@@ -313,29 +315,34 @@ class ServingRun(TapBlock):
         their states; then it returns None when no row is scored."""
         pack = self.packs[index]
         every_row = pack.streams and plan.feed is not None  # attention pools over every row
+        if not plan.scored and not every_row:
+            return None
         chosen = out if every_row or plan.rows is None else out.index_select(0, plan.rows)
         proj = F.linear(chosen, pack.weight, pack.bias)  # (N or R, M_site) matmul columns
-        pooled = {j: self.streams.update(k, proj[:, pack.segments[j].cols], plan.feed)
-                  for (i, j), k in self._stream_of.items()
-                  if i == index and every_row}  # (S_read, O) each
+        pooled = {j: [(group, self.streams.update(k, proj[:, pack.segments[j].cols], group))
+                      for group in plan.feed]  # (S_read, O) per group
+                  for (i, j), k in self._stream_of.items() if i == index and every_row}
         if not plan.scored:
             return None
         read = proj if plan.rows is None or not every_row else proj.index_select(0, plan.rows)
         if not pack.segments:
             return read  # (R, P_site): linear probes' columns are their scores
         R = read.shape[0]
-        parts = [read[:, :pack.n_linear]] if pack.n_linear else []
+        parts = [read[:, :pack.n_linear].float()] if pack.n_linear else []
         for j, segment in enumerate(pack.segments):
             if not segment.streams:  # SAE features: the activation (and a folded probe)
                 parts.append(segment(read[None, :, segment.cols], None, None)[0])
-            elif j not in pooled:  # no request of this forward reads it
-                parts.append(read.new_zeros(R, segment.width))
-            elif plan.into is None:  # every scored row is a streamed one, in order
-                parts.append(pooled[j])
-            else:
-                parts.append(pooled[j].new_zeros(R, segment.width).index_copy_(
-                    0, plan.into, pooled[j]))
-        return torch.cat([p.to(proj.dtype) for p in parts], dim=1)  # (R, P_site)
+            elif len(pooled.get(j, ())) == 1 and pooled[j][0][0].into is None:
+                parts.append(pooled[j][0][1])  # every scored row, in order
+            else:  # rows not read here (or no request of this forward reads it): 0
+                part = read.new_zeros(R, segment.width, dtype=torch.float32)
+                for group, scores in pooled.get(j, ()):
+                    if group.into is not None:
+                        part.index_copy_(0, group.into, scores)
+                    elif R:
+                        part.copy_(scores)
+                parts.append(part)
+        return torch.cat(parts, dim=1)  # (R, P_site) float32: pooled scores are not rounded
 
     def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
         plan, self._plan = self._plan, None

@@ -2,8 +2,10 @@
 forward to forward.
 
     streams = RequestStreams(segments, device)   # the bank's attention segments (bank_readouts)
-    feed = streams.plan(fed, read)               # before a forward: its streamed segments
-    scores = streams.update(k, cols, feed)       # in it: segment k's (S_read, O) scores, from
+    streams.collect()                            # before a forward: free forgotten requests' slots
+    feed = streams.plan(fed, places, n_scored)   # its streamed segments, in groups
+    for group in feed:
+        scores = streams.update(k, cols, group)  # in it: segment k's (S_read, O) scores, from
                                                  # its matmul columns (N, K) of every row
 
 An attention probe pools over every token of its sequence (probes/attention_stream.py), so its
@@ -13,11 +15,13 @@ i. Per forward, from host-side ints only:
 - a request takes a free slot when first seen (the table doubles when none is free) and its row
   is reset whenever its segment starts at position 0 (its prompt, or a re-prefill after a soft
   reset); a segment that starts anywhere but where the request's fed tokens end means rows went
-  past the taps (a prefix served from another request's KV cache): RuntimeError, not a score.
-- the forward's rows of the streamed requests are gathered into (S, T, K), T the longest
-  segment; padding is marked invalid, so it never enters a state. The table's S rows are
-  selected, fed and put back: the stream's chunk path gives the exact score after each token.
-- forgotten requests' slots are freed at the next forward: the manager's thread owns the tables.
+  past the taps: RuntimeError, not a wrong score.
+- the streamed segments go in two groups, decode tokens (one row each: the stream's one-token
+  path) and prompt chunks (gathered into (S, T, K), T the longest chunk, padding marked invalid
+  so it never enters a state). A group's rows of the table are selected, fed and put back.
+- a forgotten request's slot is freed by `collect`, which the run calls on the manager's thread
+  before it reads any request's spec: the thread that feeds the tables is the only one that
+  changes them, and a request forgotten while its forward is planned is fed once more, harmlessly.
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ FIRST_SLOTS = 8
 
 
 @dataclass
-class Feed:
-    """The streamed segments of one forward, as index tensors (see RequestStreams.plan)."""
+class Group:
+    """Streamed segments of one forward fed together (see RequestStreams.plan)."""
 
     slots: Tensor  # (S,) long: each segment's slot
-    index: Tensor  # (S * T,) long: the forward's row that feeds (s, t); padding reads row 0
+    index: Tensor  # (S * T,) long: the forward's row that feeds (s, t); padding repeats a real one
     valid: Tensor | None  # (S, T) bool: real rows; None when every segment has T rows
     fresh: Tensor | None  # (F,) long: slots whose sequence starts in this forward
     shape: tuple[int, int]  # (S, T)
     last: Tensor  # (S_read,) long: s * T + length - 1 of each segment whose scores are read
+    into: Tensor | None  # (S_read,) long: their places among the forward's scored rows; None:
+    # all of the scored rows, in order
 
 
 class RequestStreams:
@@ -59,13 +65,12 @@ class RequestStreams:
         self._lock = threading.Lock()
 
     def release(self, request_id: str) -> None:
-        """Free the request's slot at the next forward (callable from any thread)."""
+        """Free the request's slot at the next `collect` (callable from any thread)."""
         with self._lock:
             self._released.append(request_id)
 
-    def plan(self, fed: list[Segment], read: list[bool]) -> Feed:
-        """The Feed of a forward whose segments `fed` (in row order) go through the streams;
-        read[s]: is segment s's last row scored (it picks a token)?"""
+    def collect(self) -> None:
+        """Free the slots of released requests (on the thread that feeds the tables)."""
         with self._lock:
             released, self._released = self._released, []
         for request_id in released:
@@ -73,46 +78,65 @@ class RequestStreams:
             slot = self.slot.pop(request_id, None)
             if slot is not None:
                 self.free.append(slot)
-        slots, fresh = [], []
-        for seg in fed:
-            slot = self.slot.get(seg.request_id)
-            if slot is None:
-                if not self.free:
-                    self._grow()
-                slot = self.slot[seg.request_id] = self.free.pop()
-            if seg.position == 0:
-                fresh.append(slot)
-            elif self.fed.get(seg.request_id) != seg.position:
-                raise RuntimeError(
-                    f"request {seg.request_id!r}'s rows from position "
-                    f"{self.fed.get(seg.request_id, 0)} to {seg.position} never came through "
-                    "residtap's taps (a prompt prefix served from another request's KV cache?), "
-                    "so its attention probes cannot pool over them; serve with "
-                    "residtap.serving.transformers_cb.serving_config() (no block sharing)")
-            self.fed[seg.request_id] = seg.position + seg.length
-            slots.append(slot)
-        S, T = len(fed), max(seg.length for seg in fed)
-        index = [seg.start + min(t, seg.length - 1) for seg in fed for t in range(T)]
-        valid = None
-        if any(seg.length != T for seg in fed):
-            valid = torch.tensor([[t < seg.length for t in range(T)] for seg in fed],
-                                 device=self.device)
-        last = [s * T + seg.length - 1 for s, seg in enumerate(fed) if read[s]]
-        return Feed(self._long(slots), self._long(index), valid,
-                    self._long(fresh) if fresh else None, (S, T), self._long(last))
 
-    def update(self, k: int, cols: Tensor, feed: Feed) -> Tensor:
-        """Feed segment k's columns cols (N, K) of the forward's rows to the streamed requests'
-        states; their scores (S_read, O) after the last row of each segment that is read."""
+    def plan(self, fed: list[Segment], places: list[int | None], n_scored: int) -> list[Group]:
+        """The groups of a forward whose segments `fed` (in row order) go through the streams;
+        places[s]: the place of segment s among the forward's n_scored scored rows, None when
+        its last row picks no token."""
+        slots = [self._slot(seg) for seg in fed]
+        decode = [s for s, seg in enumerate(fed) if seg.length == 1]
+        chunks = [s for s, seg in enumerate(fed) if seg.length > 1]
+        return [self._group([fed[s] for s in part], [slots[s] for s in part],
+                            [places[s] for s in part], n_scored)
+                for part in (decode, chunks) if part]
+
+    def update(self, k: int, cols: Tensor, group: Group) -> Tensor:
+        """Feed segment k's columns cols (N, K) of the forward's rows to the group's states;
+        their scores (S_read, O) after the last row of each segment that is read."""
         table = self.tables[k]
-        if feed.fresh is not None:
-            table.reset_rows(feed.fresh)
-        S, T = feed.shape
-        sub = table.select(feed.slots)
-        scores = sub.update(cols.index_select(0, feed.index).view(S, T, -1),
-                            feed.valid)  # (S, T, O)
-        table.put(feed.slots, sub)
-        return scores.view(S * T, -1).index_select(0, feed.last)
+        if group.fresh is not None:
+            table.reset_rows(group.fresh)
+        S, T = group.shape
+        sub = table.select(group.slots)
+        scores = sub.update(cols.index_select(0, group.index).view(S, T, -1),
+                            group.valid)  # (S, T, O)
+        table.put(group.slots, sub)
+        return scores.view(S * T, -1).index_select(0, group.last)
+
+    def _slot(self, seg: Segment) -> int:
+        """The request's slot (taken now if it has none), its tokens fed checked and counted."""
+        request_id, new = seg.request_id, seg.request_id not in self.slot
+        if new:
+            if not self.free:
+                self._grow()
+            self.slot[request_id] = self.free.pop()
+        if seg.position > 0 and self.fed.get(request_id) != seg.position:
+            why = (f"first reached residtap's taps at position {seg.position} (registered "
+                   "after its prompt ran? register it before the manager's add_request)" if new
+                   else f"had {self.fed.get(request_id)} tokens through residtap's taps when its "
+                   f"rows resumed at position {seg.position} (a prompt prefix served from "
+                   "another request's KV cache? serve with "
+                   "residtap.serving.transformers_cb.serving_config(): no block sharing)")
+            raise RuntimeError(f"request {request_id!r} {why}, so its attention probes cannot "
+                               "pool over all of its tokens")
+        self.fed[request_id] = seg.position + seg.length
+        return self.slot[request_id]
+
+    def _group(self, segs: list[Segment], slots: list[int], places: list[int | None],
+               n_scored: int) -> Group:
+        S, T = len(segs), max(seg.length for seg in segs)
+        index = [seg.start + min(t, seg.length - 1) for seg in segs for t in range(T)]
+        valid = None
+        if any(seg.length != T for seg in segs):
+            valid = torch.tensor([[t < seg.length for t in range(T)] for seg in segs],
+                                 device=self.device)
+        fresh = [slot for seg, slot in zip(segs, slots, strict=True) if seg.position == 0]
+        read = [s for s, place in enumerate(places) if place is not None]
+        into = [places[s] for s in read]
+        return Group(self._long(slots), self._long(index), valid,
+                     self._long(fresh) if fresh else None, (S, T),
+                     self._long([s * T + segs[s].length - 1 for s in read]),
+                     None if into == list(range(n_scored)) else self._long(into))
 
     def _grow(self) -> None:
         size = self.tables[0].batch_size

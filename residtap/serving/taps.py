@@ -1,7 +1,8 @@
 """The taps of a serving run (serving/run.py): each reads the run's plan of the current forward
 (`run._plan`, made by its on_forward from the adapter's layout) and does its part per request.
 
-    ScoreTap     a bank site's packed matmul over the rows whose scores are read
+    ScoreTap     a bank site's packed matmul over the rows whose scores are read (every row,
+                 to feed their states, where requests read the site's attention probes)
     SteerTap     adds each steered request's own vector * strength to its rows
     CaptureTap   keeps the rows of requests that asked to capture a site
 """
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 
 class ScoreTap:
-    """Reader: bank site i's scores for the forward's scored rows (one packed matmul)."""
+    """Reader: bank site i's scores for the forward's scored rows (one packed matmul; see
+    ServingRun.site_scores)."""
 
     def __init__(self, run: ServingRun, index: int) -> None:
         self.run, self.index = run, index

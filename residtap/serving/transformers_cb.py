@@ -139,9 +139,9 @@ def check_manager(manager: Any, *, steering: bool = False, capture: bool = False
     if (steering or capture or streams) and config.allow_block_sharing:
         what = ("steering" if steering else "capture" if capture
                 else "attention probes (which pool over every token)")
+        why = " (a steered request would reuse another's unsteered KV)" if steering else ""
         raise ValueError(f"the manager shares KV blocks between requests with a common prompt "
-                         f"prefix, so {what} would miss the shared rows (a steered request would "
-                         "reuse another's unsteered KV)" + fix)
+                         f"prefix, so {what} would miss the shared rows{why}" + fix)
 
 
 def prompt_length(state: Any) -> int:
