@@ -163,6 +163,14 @@ def _run_to_end(manager, rids: list[str], *, start: bool = True, stop: bool = Tr
     return outputs
 
 
+def _logprobs_manager(model, n: int):
+    """A manager of `n` greedy tokens per request that returns their log-probabilities."""
+    config = cb.serving_config(**SIZES)
+    config.return_logprobs = True
+    return model.init_continuous_batching(generation_config=_generation_config(n),
+                                          continuous_batching_config=config)
+
+
 # -- the Python API on a manager the user runs -------------------------------------------------
 def _prompts(tok, k: int) -> list[list[int]]:
     """k prompts of different lengths (2 to ~16 tokens) from the organism's mood texts."""
@@ -181,18 +189,12 @@ def test_python_api_per_request_steering_and_scores(parts):
     prompts, n = _prompts(tok, 8), 8
     strengths = [1.5 if i % 2 else 0.0 for i in range(len(prompts))]
 
-    def manager():
-        config = cb.serving_config(**SIZES)
-        config.return_logprobs = True
-        return model.init_continuous_batching(generation_config=_generation_config(n),
-                                              continuous_batching_config=config)
-
-    plain = manager()
+    plain = _logprobs_manager(model, n)
     plain_ids = [plain.add_request(p, request_id=f"plain-{i}", max_new_tokens=n)
                  for i, p in enumerate(prompts)]
     plain_out = _run_to_end(plain, plain_ids)
 
-    served, hooks = manager(), count_hooks(model)
+    served, hooks = _logprobs_manager(model, n), count_hooks(model)
     run = attach(served, bank=bank, vectors=vectors)
     with run:
         rids = [run.add_request(p, max_new_tokens=n, probes=["early", "topic"],
@@ -224,16 +226,10 @@ def test_requests_that_ask_nothing_are_left_alone(parts):
     model, tok, bank, vectors = parts
     prompts, n = _prompts(tok, 3), 4
 
-    def manager():
-        config = cb.serving_config(**SIZES)
-        config.return_logprobs = True
-        return model.init_continuous_batching(generation_config=_generation_config(n),
-                                              continuous_batching_config=config)
-
-    plain = manager()
+    plain = _logprobs_manager(model, n)
     base = _run_to_end(plain, [plain.add_request(p, request_id=f"p{i}", max_new_tokens=n)
                                for i, p in enumerate(prompts)])
-    served = manager()
+    served = _logprobs_manager(model, n)
     run = attach(served, bank=bank, vectors=vectors)
     with run:
         asking = run.add_request(prompts[0], max_new_tokens=n, probes=["early"])
