@@ -1,13 +1,17 @@
 """The serving run without HTTP: transformers' continuous batching manager driven in-process.
 
-    python bench/bench_serve_engine.py [--model reference] [--clients 32] [--repeats 12]
+    python bench/bench_serve_engine.py [--model reference] [--bank linear] [--clients 32]
+                                       [--repeats 12]
 
 The reference model (residtap.benchmark.reference_model) or the organism, 1 torch thread, the
 CPU paged-cache sizes of `residtap serve`; `--clients` prompts of 8-24 random token ids, 64 new
 tokens each, added right after the manager starts. Three variants per repeat, in a rotating order:
     plain     no residtap
-    attached  a ServingRun with a bank of 1000 probes (1000 / L per layer); requests ask nothing
-    scoring   the same; every request asks for 4 probes' scores per token
+    attached  a ServingRun with the bank; requests ask nothing
+    scoring   the same; every request asks for 4 probes' scores per token (all of an SAE's)
+Banks: "linear" 1000 random probes (1000 / L per layer); "attention" and "sae" those of
+`residtap bench readouts` (residtap.benchmark.readouts: 8 four-head attention probes, or 100
+features of an SAE, at the middle layer), whose requests each pool over their own tokens.
 Reported: median wall and process CPU seconds per variant, the time inside residtap's handlers
 (engine.timing), and per variant the CPU cost against plain, paired within each repeat; for
 "scoring", the handler time per forward split into the run's parts (each timed around its call):
@@ -31,6 +35,13 @@ import torch
 from transformers import GenerationConfig
 
 from residtap.benchmark import random_bank, reference_model
+from residtap.benchmark.readouts import (
+    ReadoutConfig,
+    load_model,
+    middle_site,
+    random_sae,
+    readout_banks,
+)
 from residtap.cli.serve import CPU_SIZES
 from residtap.engine import timing
 from residtap.organism import load
@@ -94,6 +105,7 @@ def one(model, bank, asks: list[str], prompts: list[list[int]], variant: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["reference", "organism"], default="reference")
+    p.add_argument("--bank", choices=["linear", "attention", "sae"], default="linear")
     p.add_argument("--clients", type=int, default=32, help="requests per batch")
     p.add_argument("--repeats", type=int, default=12)
     args = p.parse_args()
@@ -101,8 +113,15 @@ def main() -> None:
     for part in PARTS:
         timed(part)
     model = reference_model() if args.model == "reference" else load()[0]
-    bank = random_bank(model, -(-1000 // len(layer_sites(model))), "all")
-    asks = [probe.name for probe in bank.probes][::250][:4]
+    if args.bank == "linear":
+        bank = random_bank(model, -(-1000 // len(layer_sites(model))), "all")
+    else:
+        cfg = ReadoutConfig(model=args.model)
+        sae = (load_model(cfg)[1] if args.model == "organism" else
+               random_sae(model.config.hidden_size, cfg.reference_d_sae, middle_site(model)))
+        bank = readout_banks(model, sae, cfg)[args.bank]
+    names = [probe.name for probe in bank.probes]
+    asks = names[:: max(1, len(names) // 4)][:4]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(8, 24))]
                for _ in range(args.clients)]
