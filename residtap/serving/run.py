@@ -95,7 +95,7 @@ class _Plan:
     rows: Tensor | None  # (R,) long: their rows in the forward; None: every row, in order
     columns: Tensor | None  # (U,) long: the score columns read back
     slot: dict[int, int]  # score column -> its place among them
-    outputs: list[Tensor | None]  # per bank site: its (R, P_site) scores, once it has run
+    outputs: list[Tensor | None]  # per bank site: its (1, R, P_site) scores, once it has run
     steer: tuple[Tensor, Tensor, Tensor] | None  # per segment: vector (S,), strength, length
     steer_sites: frozenset[Site]
     capture: list[tuple[Segment, RequestSpec]]
@@ -287,6 +287,7 @@ class ServingRun(TapBlock):
                     attention.update(range(column, column + segment.width))
                 column += segment.width
         self.streams = RequestStreams(segments, self.device) if segments else None
+        self._attention = [pack.streams for pack in packs]  # per site: has attention probes
         self._attention_columns = frozenset(attention)
 
     def _streamed(self, spec: RequestSpec) -> bool:
@@ -303,30 +304,37 @@ class ServingRun(TapBlock):
 
     def _rows(self, hidden: Tensor, plan: _Plan) -> Tensor:
         """The forward's (N, d) rows of a site's (1, N, d) tensor."""
+        return self._checked(hidden, plan)[0]
+
+    def _checked(self, hidden: Tensor, plan: _Plan) -> Tensor:
+        """A site's tensor, once seen to be the forward's (1, N, d)."""
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] != plan.layout.rows:
             raise RuntimeError(f"a packed forward of {plan.layout.rows} tokens gave this site "
                                f"a tensor of shape {tuple(hidden.shape)}, expected (1, "
                                f"{plan.layout.rows}, d)")
-        return hidden[0]
+        return hidden
 
-    def site_scores(self, index: int, out: Tensor, plan: _Plan) -> Tensor | None:
-        """(R, P_site) scores of bank site `index` for the forward's scored rows, from its (N, d)
-        output. A site with attention probes first feeds every row of the streamed requests to
-        their states; then it returns None when no row is scored."""
+    def site_scores(self, index: int, hidden: Tensor, plan: _Plan) -> Tensor | None:
+        """(1, R, P_site) scores of bank site `index` for the forward's scored rows, from its
+        (1, N, d) output (kept 3-D: taking out the 1 is a Python-level op per site). A site with
+        attention probes first feeds every row of the streamed requests to their states; then
+        it returns None when no row is scored."""
         pack = self.packs[index]
-        every_row = pack.streams and plan.feed is not None  # attention pools over every row
+        every_row = self._attention[index] and plan.feed is not None  # pooled over every row
         if not plan.scored and not every_row:
             return None
-        chosen = out if every_row or plan.rows is None else out.index_select(0, plan.rows)
-        proj = F.linear(chosen, pack.weight, pack.bias)  # (N or R, M_site) matmul columns
+        hidden = self._checked(hidden, plan)
+        chosen = hidden if every_row or plan.rows is None else hidden.index_select(1, plan.rows)
+        proj = F.linear(chosen, pack.weight, pack.bias)  # (1, N or R, M_site) matmul columns
+        if not pack.segments:
+            return proj  # (1, R, P_site): linear probes' columns are their scores
+        proj = proj[0]  # (N or R, M_site)
         pooled = {j: [(group, self.streams.update(k, proj[:, pack.segments[j].cols], group))
                       for group in plan.feed]  # (S_read, O) per group
                   for (i, j), k in self._stream_of.items() if i == index and every_row}
         if not plan.scored:
             return None
         read = proj if plan.rows is None or not every_row else proj.index_select(0, plan.rows)
-        if not pack.segments:
-            return read  # (R, P_site): linear probes' columns are their scores
         R = read.shape[0]
         parts = [read[:, :pack.n_linear].float()] if pack.n_linear else []
         for j, segment in enumerate(pack.segments):
@@ -342,15 +350,15 @@ class ServingRun(TapBlock):
                     elif R:
                         part.copy_(scores)
                 parts.append(part)
-        return torch.cat(parts, dim=1)  # (R, P_site) float32: pooled scores are not rounded
+        return torch.cat(parts, dim=1)[None]  # (1, R, P_site) float32: pooled not rounded
 
     def _end_of_forward(self, hidden: Tensor, step: Step) -> None:
         plan, self._plan = self._plan, None
         if plan is None or not plan.scored:
             return None
-        per_site = plan.outputs  # (R, P_site) each, from the score taps
-        scores = torch.cat(per_site, dim=1) if len(per_site) > 1 else per_site[0]  # (R, P)
-        host = scores.index_select(1, plan.columns).float().tolist()  # the one host read
+        per_site = plan.outputs  # (1, R, P_site) each, from the score taps
+        scores = torch.cat(per_site, dim=2) if len(per_site) > 1 else per_site[0]  # (1, R, P)
+        host = scores.index_select(2, plan.columns).float().tolist()[0]  # the one host read
         self.host_reads += 1
         for r, (seg, spec) in enumerate(plan.scored):
             record = self._records.get(seg.request_id)

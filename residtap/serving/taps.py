@@ -32,9 +32,8 @@ class ScoreTap:
     def __call__(self, hidden: Tensor, step: Step) -> None:
         plan = self.run._plan
         if plan is not None and (plan.scored or plan.feed is not None):
-            rows = self.run._rows(hidden, plan)  # (N, d)
-            plan.outputs[self.index] = self.run.site_scores(self.index, rows,
-                                                            plan)  # (R, P_site) or None
+            plan.outputs[self.index] = self.run.site_scores(self.index, hidden,
+                                                            plan)  # (1, R, P_site) or None
         return None
 
 
