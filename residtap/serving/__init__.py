@@ -17,8 +17,8 @@ protocol (the OpenAI request and response bodies).
 """
 
 from residtap.serving.layout import PackedLayout, Segment
-from residtap.serving.run import RequestRecord, ServingRun, attach
-from residtap.serving.spec import Catalogue, RequestSpec
+from residtap.serving.run import ServingRun, attach
+from residtap.serving.spec import Catalogue, RequestRecord, RequestSpec
 
 __all__ = ["Catalogue", "PackedLayout", "RequestRecord", "RequestSpec", "Segment",
            "ServingRun", "attach"]

@@ -50,7 +50,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ from residtap.probes.bank_layout import SitePack
 from residtap.probes.bank_readouts import AttentionReadout
 from residtap.serving import transformers_cb as cb
 from residtap.serving.layout import PackedLayout, Segment
-from residtap.serving.spec import NOTHING, Catalogue, RequestSpec
+from residtap.serving.spec import NOTHING, Catalogue, RequestRecord, RequestSpec
 from residtap.serving.streams import Group, RequestStreams
 from residtap.serving.taps import CaptureTap, ScoreTap, steer_taps
 from residtap.sites import Arch, Site, resolve_site
@@ -72,17 +72,6 @@ from residtap.steering.direction import Direction
 
 log = logging.getLogger(__name__)
 _IDS = itertools.count()
-
-
-@dataclass
-class RequestRecord:
-    """What the run collected for one request (written by the manager's thread)."""
-
-    spec: RequestSpec
-    scores: list[list[float]] = field(default_factory=list)  # per token: spec.names' values
-    exit_token: int | None = None
-    exit_score: float | None = None
-    captured: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # site -> pos -> (d,)
 
 
 @dataclass

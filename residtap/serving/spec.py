@@ -5,7 +5,8 @@
     spec = names.spec(probes=["mood"], steer=("mood", 2.0), early_exit=("mood", 3.0))
 
 Every bad value is a TypeError / LookupError / ValueError saying what was expected, what came
-and how to fix it; the HTTP server answers those with 400 and the message.
+and how to fix it; the HTTP server answers those with 400 and the message. A RequestRecord
+holds what a serving run (run.py) collected for one request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, get_args
+
+from torch import Tensor
 
 from residtap.probes.early_exit import Direction
 
@@ -68,6 +71,17 @@ class RequestSpec:
 
 
 NOTHING = RequestSpec()
+
+
+@dataclass
+class RequestRecord:
+    """What the run collected for one request (written by the manager's thread)."""
+
+    spec: RequestSpec
+    scores: list[list[float]] = field(default_factory=list)  # per token: spec.names' values
+    exit_token: int | None = None
+    exit_score: float | None = None
+    captured: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # site -> pos -> (d,)
 
 
 @dataclass
