@@ -265,18 +265,18 @@ class ServingRun(TapBlock):
     def _streams(self, packs: list[SitePack]) -> None:
         """The attention segments' per-request states (serving/streams.py) and their columns."""
         segments: list[Any] = []
-        self._stream_of: dict[tuple[int, int], int] = {}  # (pack, segment) -> its table
+        self._tables: list[dict[int, int]] = []  # per site: attention segment -> its table
         attention: set[int] = set()
-        for i, pack in enumerate(packs):
+        for pack in packs:
+            self._tables.append({})
             column = pack.start + pack.n_linear
             for j, segment in enumerate(pack.segments):
                 if segment.streams:
-                    self._stream_of[i, j] = len(segments)
+                    self._tables[-1][j] = len(segments)
                     segments.append(segment)
                     attention.update(range(column, column + segment.width))
                 column += segment.width
         self.streams = RequestStreams(segments, self.device) if segments else None
-        self._attention = [pack.streams for pack in packs]  # per site: has attention probes
         self._attention_columns = frozenset(attention)
 
     def _streamed(self, spec: RequestSpec) -> bool:
@@ -309,7 +309,8 @@ class ServingRun(TapBlock):
         attention probes first feeds every row of the streamed requests to their states; then
         it returns None when no row is scored."""
         pack = self.packs[index]
-        every_row = self._attention[index] and plan.feed is not None  # pooled over every row
+        tables = self._tables[index]  # {segment: table} of its attention probes
+        every_row = bool(tables) and plan.feed is not None  # pooled over every row
         if not plan.scored and not every_row:
             return None
         hidden = self._checked(hidden, plan)
@@ -320,7 +321,7 @@ class ServingRun(TapBlock):
         proj = proj[0]  # (N or R, M_site)
         pooled = {j: [(group, self.streams.update(k, proj[:, pack.segments[j].cols], group))
                       for group in plan.feed]  # (S_read, O) per group
-                  for (i, j), k in self._stream_of.items() if i == index and every_row}
+                  for j, k in tables.items()} if every_row else {}
         if not plan.scored:
             return None
         read = proj if plan.rows is None or not every_row else proj.index_select(0, plan.rows)
