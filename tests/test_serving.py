@@ -653,6 +653,26 @@ def test_probes_at_logits_are_refused(parts):
         attach(manager, bank=bank)
 
 
+def served_as_alone(model, bank, run, out, requests, n: int, eos: int = EOS) -> dict:
+    """Every request {rid: (prompt, probes asked)}: its tokens and the scores it asked for equal
+    its prompt generated alone on `generate` with the same bank attached. Returns each
+    request's scores alone, {rid: {column: (tokens,)}}."""
+    alone_rows = {}
+    for rid, (prompt, asked) in requests.items():
+        with bank.attach(model, max_tokens=n) as alone_run:
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=0)
+        assert out[rid].generated_tokens == ids[0, len(prompt):].tolist()
+        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
+        columns = [c for c in theirs if c.split(":")[0] in (asked or [])]
+        assert sorted(mine) == sorted(columns)
+        for column in columns:
+            assert len(mine[column]) == len(out[rid].generated_tokens)
+            assert close(mine[column], theirs[column]), (rid, column)
+        alone_rows[rid] = theirs
+    return alone_rows
+
+
 @needs_cb
 def test_sae_features_are_served():
     """The organism's TopK SAE, all its features (exact TopK) in the bank: every served request's
@@ -670,18 +690,11 @@ def test_sae_features_are_served():
     with run:
         rids = [run.add_request(p, max_new_tokens=n, probes=["sae"]) for p in prompts]
         out = _run_to_end(manager, rids)
-    for rid, p in zip(rids, prompts, strict=True):
-        with bank.attach(model, max_tokens=n) as alone_run:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=EOS, pad_token_id=0)
-        assert out[rid].generated_tokens == ids[0, len(p):].tolist()
-        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
-        assert set(mine) == set(theirs) and len(mine) == sae.d_sae
+    requests = {rid: (p, ["sae"]) for rid, p in zip(rids, prompts, strict=True)}
+    for rid, theirs in served_as_alone(model, bank, run, out, requests, n).items():
+        assert set(run.scores(rid)) == set(theirs) and len(theirs) == sae.d_sae
         active = sum(int((theirs[c] > 0).sum()) for c in theirs)
         assert active >= n * sae.k // 2  # TopK: features really fire, and must match
-        for column in theirs:
-            assert close(mine[column], theirs[column]), column
-
 
 
 def attention_bank(model) -> ProbeBank:
@@ -704,22 +717,6 @@ def attention_bank(model) -> ProbeBank:
             .add_probe(probe(2, [0, 1], "layers.3", "from_start"), name="att")
             .add_probe(probe(2, [0, 1], "layers.3", "from_end"), name="att2")
             .add_probe(probe(1, ["a", "b", "c"], "layers.5", "from_end"), name="topic"))
-
-
-def served_as_alone(model, bank, run, out, requests, n: int, eos: int = EOS) -> None:
-    """Every request {rid: (prompt, probes asked)}: its tokens and the scores it asked for equal
-    its prompt generated alone on `generate` with the same bank attached."""
-    for rid, (prompt, asked) in requests.items():
-        with bank.attach(model, max_tokens=n) as alone_run:
-            ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=0)
-        assert out[rid].generated_tokens == ids[0, len(prompt):].tolist()
-        mine, theirs = run.scores(rid), alone_run.results().rows()[0]
-        columns = [c for c in theirs if c.split(":")[0] in (asked or [])]
-        assert sorted(mine) == sorted(columns)
-        for column in columns:
-            assert len(mine[column]) == len(out[rid].generated_tokens)
-            assert close(mine[column], theirs[column]), (rid, column)
 
 
 @needs_cb
